@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+DATA   ?= data/shakespeare
+RUN    ?= runs/quickstart
+
+.PHONY: quickstart test install install-dev lint bench repro-tiny clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+quickstart: install
+	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
+	$(VENV)/bin/megapatch train configs/tiny.yaml data.path=$(DATA) run.dir=$(RUN) train.resume=auto
+	$(VENV)/bin/megapatch eval $(RUN) --data $(DATA)
+	$(VENV)/bin/megapatch summary $(RUN)
+
+test: install-dev
+	$(PY) -m ruff check megapatch data_prep tests bench
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(PY) -m ruff check megapatch data_prep tests bench
+	$(PY) -m ruff format --check megapatch data_prep tests bench
+
+bench: install-dev
+	$(PY) bench/data.py
+	$(PY) bench/ops.py
+	$(PY) bench/train.py
+
+clean:
+	rm -rf $(VENV) runs bench/results .pytest_cache

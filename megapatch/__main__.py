@@ -1,0 +1,5 @@
+import sys
+
+from megapatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands: thin wrappers that parse arguments and call the library."""

@@ -1,0 +1,28 @@
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import run_distributed
+
+
+def _all_reduce_rank(rank, world_size):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on rank one")
+    return rank
+
+
+@pytest.mark.distributed
+def test_run_distributed_returns_results_by_rank():
+    assert run_distributed(_all_reduce_rank, 2) == [3.0, 3.0]
+
+
+@pytest.mark.distributed
+def test_run_distributed_reports_the_failing_rank():
+    with pytest.raises(AssertionError, match="boom on rank one"):
+        run_distributed(_fail_on_rank_one, 2, timeout=60)
