@@ -1,0 +1,129 @@
+"""Input validation and backend resolution for the patch ops.
+
+Every check runs before any work is done and raises one clear `ConfigError` line that
+names the offending value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megapatch.errors import ConfigError
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def group_size(group) -> int:
+    """World size of a process group; 1 for `None` outside a distributed run."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map "auto" to a concrete backend and check that the requested one can run here."""
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"ops backend {backend!r} is unknown; expected one of {', '.join(BACKENDS)}"
+        )
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ConfigError("ops backend 'triton' requested but triton is not installed")
+        if not on_cuda and not triton_interpreting():
+            raise ConfigError(
+                "ops backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter); got tensors on {tensors[0].device}"
+            )
+    return backend
+
+
+def _check_ids_in_range(name: str, ids: torch.Tensor, low: int, high: int, what: str) -> None:
+    """All ids in [low, high); one reduction, so one device sync on a GPU."""
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ConfigError(f"{name}: {what} {bad} is outside the vocabulary [{low}, {high})")
+
+
+def check_embedding_inputs(
+    op: str, ids: torch.Tensor, weight: torch.Tensor, vocab_total: int
+) -> None:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ConfigError(f"{op}: ids must be an integer tensor, got dtype {ids.dtype}")
+    if ids.dim() < 1 or ids.shape[-1] < 1:
+        raise ConfigError(f"{op}: ids must have shape [..., K] with K >= 1, got {tuple(ids.shape)}")
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise ConfigError(
+            f"{op}: weight must be a floating [V, D] matrix, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if ids.device != weight.device:
+        raise ConfigError(f"{op}: ids on {ids.device} but weight on {weight.device}")
+    _check_ids_in_range(op, ids, 0, vocab_total, "token id")
+
+
+def check_loss_inputs(
+    op: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    vocab_size: int,
+    vocab_total: int,
+) -> None:
+    if hidden.dim() != 2 or not hidden.dtype.is_floating_point:
+        raise ConfigError(
+            f"{op}: hidden must be a floating [N, D] matrix, got {tuple(hidden.shape)} {hidden.dtype}"
+        )
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise ConfigError(
+            f"{op}: weight must be a floating [V, D] matrix, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if weight.shape[1] != hidden.shape[1]:
+        raise ConfigError(
+            f"{op}: hidden width D={hidden.shape[1]} does not match weight width D={weight.shape[1]}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ConfigError(f"{op}: targets must be an integer tensor, got dtype {targets.dtype}")
+    if targets.dim() != 2 or targets.shape[0] != hidden.shape[0] or targets.shape[1] < 1:
+        raise ConfigError(
+            f"{op}: targets must have shape [N, K] = [{hidden.shape[0]}, K>=1] to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(targets.shape)}"
+        )
+    if not (hidden.device == weight.device == targets.device):
+        raise ConfigError(
+            f"{op}: hidden, weight and targets must share a device, got "
+            f"{hidden.device}, {weight.device}, {targets.device}"
+        )
+    if not 1 <= vocab_size <= vocab_total:
+        raise ConfigError(
+            f"{op}: vocab_size={vocab_size} must be in [1, {vocab_total}] (the padded weight rows)"
+        )
+    if 0 <= ignore_index < vocab_size:
+        raise ConfigError(
+            f"{op}: ignore_index={ignore_index} is a real token id (vocab_size={vocab_size}); "
+            "use a negative value such as -100"
+        )
+    kept = targets[targets != ignore_index]
+    _check_ids_in_range(op, kept, 0, vocab_size, "target id")

@@ -1,0 +1,129 @@
+"""The four public ops: validate, pick a backend, flatten shapes, call it."""
+
+from __future__ import annotations
+
+import torch
+
+from megapatch.ops import reference
+from megapatch.ops._checks import (
+    check_embedding_inputs,
+    check_loss_inputs,
+    group_size,
+    resolve_backend,
+)
+
+
+def _backend_module(name: str):
+    if name == "reference":
+        return reference
+    if name == "torch":
+        from megapatch.ops import chunked
+
+        return chunked
+    from megapatch.ops import triton_ops
+
+    return triton_ops
+
+
+def patch_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean of the K embedding rows of each patch: ids [..., K], weight [V, D] → [..., D]."""
+    check_embedding_inputs("patch_embedding", ids, weight, weight.shape[0])
+    impl = _backend_module(resolve_backend(backend, ids, weight))
+    out = impl.patch_embedding(ids.reshape(-1, ids.shape[-1]), weight)  # [M, D]
+    return out.reshape(*ids.shape[:-1], weight.shape[1])
+
+
+def vocab_parallel_patch_embedding(
+    ids: torch.Tensor,
+    weight_shard: torch.Tensor,
+    *,
+    vocab_start: int,
+    group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`patch_embedding` over a vocabulary split across `group`.
+
+    `ids` are global and replicated on every rank; this rank holds rows
+    [vocab_start, vocab_start + V_shard) of the padded weight. Out-of-shard ids contribute
+    zero, the sum is divided by K (not by the in-shard count) and all-reduced, so every
+    rank returns the full replicated result.
+    """
+    vocab_total = group_size(group) * weight_shard.shape[0]
+    check_embedding_inputs("vocab_parallel_patch_embedding", ids, weight_shard, vocab_total)
+    impl = _backend_module(resolve_backend(backend, ids, weight_shard))
+    out = impl.patch_embedding(
+        ids.reshape(-1, ids.shape[-1]), weight_shard, vocab_start=vocab_start, group=group
+    )
+    return out.reshape(*ids.shape[:-1], weight_shard.shape[1])
+
+
+def patch_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-target cross-entropy of one distribution per row against K targets.
+
+    hidden [N, D], weight [V, D], targets [N, K] → scalar: the mean over non-ignored
+    targets of logsumexp(h·Wᵀ) − (h·Wᵀ)[y]. Rows of `weight` at index ≥ `vocab_size`
+    are padding and get no probability mass. All targets ignored → 0 with zero gradients.
+    """
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    check_loss_inputs(
+        "patch_loss",
+        hidden,
+        weight,
+        targets,
+        ignore_index=ignore_index,
+        vocab_size=vocab_size,
+        vocab_total=weight.shape[0],
+    )
+    impl = _backend_module(resolve_backend(backend, hidden, weight))
+    return impl.patch_loss(
+        hidden, weight, targets, vocab_start=0, vocab_size=vocab_size, ignore_index=ignore_index
+    )
+
+
+def vocab_parallel_patch_loss(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group=None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`patch_loss` over a vocabulary split across `group`.
+
+    hidden and targets are replicated on every rank; this rank holds rows
+    [vocab_start, vocab_start + V_shard) of the padded weight. Forward combines the shards
+    with a MAX and one packed SUM all-reduce; backward all-reduces the hidden gradient
+    inside the op, so the caller needs no extra mapping.
+    """
+    check_loss_inputs(
+        "vocab_parallel_patch_loss",
+        hidden,
+        weight_shard,
+        targets,
+        ignore_index=ignore_index,
+        vocab_size=vocab_size,
+        vocab_total=group_size(group) * weight_shard.shape[0],
+    )
+    impl = _backend_module(resolve_backend(backend, hidden, weight_shard))
+    return impl.patch_loss(
+        hidden,
+        weight_shard,
+        targets,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+        group=group,
+    )
