@@ -1,0 +1,59 @@
+"""Validation: token-level loss (the number that matters, in every phase) and, during the
+patch phase, the patch-level loss on the same held-out text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def windowed_loss(
+    forward: Callable[..., torch.Tensor],
+    windows: Iterable[np.ndarray] | np.ndarray,
+    *,
+    patch_size: int,
+    micro_batch_size: int,
+    device: torch.device,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    dp_group=None,
+) -> tuple[float, int]:
+    """Mean loss over `windows` ([n, K·L+K] each) split across data-parallel ranks.
+
+    Returns (mean loss per target token, number of target tokens). Every rank returns the
+    same numbers; tensor-parallel peers see the same windows.
+    """
+    windows = np.asarray(windows if isinstance(windows, np.ndarray) else list(windows))
+    total = torch.zeros(2, dtype=torch.float64)  # [sum of losses, target tokens]
+    k = patch_size
+    # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
+    # a rank short of windows repeats one with all its targets ignored.
+    per_rank = -(-len(windows) // dp_size)
+    mine = list(range(dp_rank, len(windows), dp_size))
+    n_real = len(mine)
+    mine += [0] * (per_rank - n_real)
+    for start in range(0, per_rank, micro_batch_size):
+        idx = mine[start : start + micro_batch_size]
+        batch = torch.from_numpy(windows[idx].astype(np.int64)).to(device)
+        targets = batch[:, k:].clone()
+        n_pad = max(0, start + len(idx) - n_real)
+        if n_pad:
+            targets[len(idx) - n_pad :] = IGNORE_INDEX
+        loss = forward(batch[:, :-k], targets, patch_size=k)
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        total += torch.tensor([loss.double().item() * n_targets, n_targets], dtype=torch.float64)
+    if dist.is_initialized() and dp_size > 1:
+        dist.all_reduce(total, group=dp_group)
+    loss_sum, count = total.tolist()
+    return (loss_sum / count if count else math.nan), int(count)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else math.inf
