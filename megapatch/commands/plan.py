@@ -1,0 +1,178 @@
+"""`megapatch plan CONFIG [key=value ...] [--dp N | --world-size N]`: print the phases,
+batch shapes, LR curves, FLOPs and cost of a config without starting anything.
+
+Fast on purpose: it imports neither torch nor the data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+
+from megapatch.config import RunConfig, load_config, validate_for_world
+from megapatch.errors import ConfigError
+from megapatch.flops import ModelDims, plan_flops
+from megapatch.schedule import StagePlan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML run config, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. patch.size=4"
+    )
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--dp",
+        type=int,
+        help="data-parallel ranks (default: from parallel.nodes x gpus_per_node, else 1)",
+    )
+    shape.add_argument(
+        "--world-size", type=int, help="total ranks; DP = world size / tensor-parallel size"
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help='vocabulary for FLOPs when model.vocab_size is "auto" and '
+        "the data manifest is not there yet",
+    )
+    parser.add_argument(
+        "--show-config", action="store_true", help="also print the resolved config with its docs"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the plan, FLOPs and resolved config as JSON"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    tp = cfg.parallel.tensor_model_parallel_size
+    world = args.world_size
+    if world is None and args.dp is None and cfg.parallel.gpus_per_node:
+        world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
+    if world is not None:
+        plan = validate_for_world(cfg, world)
+    else:
+        if args.dp is not None and args.dp < 1:
+            raise ConfigError(f"--dp {args.dp}: expected at least 1")
+        plan = StagePlan.from_config(cfg, dp_size=args.dp or 1)
+
+    vocab, vocab_note = _vocab_size(cfg, args.vocab_size)
+    flops = plan_flops(ModelDims.from_config(cfg, vocab), plan) if vocab else None
+
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "config": cfg.to_dict(),
+                    "config_hash": cfg.config_hash(),
+                    "vocab_size": vocab,
+                    "plan": plan.state_dict(),
+                    "flops": asdict(flops) if flops else None,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(_report(cfg, plan, tp, vocab, vocab_note, flops))
+    if args.show_config:
+        print()
+        print(cfg.render_yaml(), end="")
+    return 0
+
+
+def _vocab_size(cfg: RunConfig, cli_vocab: int | None) -> tuple[int | None, str]:
+    """The vocabulary for FLOPs: configured, from --vocab-size, or from the data manifest."""
+    if cfg.model.vocab_size != "auto":
+        return cfg.model.vocab_size, ""
+    if cli_vocab:
+        return cli_vocab, " (from --vocab-size)"
+    data_dir = cfg.data.path or cfg.data.blend[0]["path"]
+    manifest = os.path.join(data_dir, "manifest.json")
+    try:
+        with open(manifest) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return (
+            None,
+            f"auto: unresolved, no readable {manifest} (prep the data or pass --vocab-size)",
+        )
+    vocab = meta.get("vocab_size") or (meta.get("tokenizer") or {}).get("vocab_size")
+    if not isinstance(vocab, int):
+        return None, f"auto: unresolved, {manifest} names no vocab_size"
+    return vocab, f" (auto, from {manifest})"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, flops) -> str:
+    m, p = cfg.model, cfg.patch
+    lines = [f"megapatch plan: {cfg.run.name} ({cfg.source}, config hash {cfg.config_hash()})", ""]
+    shape = (
+        f"D {m.d_model:,}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), FFN {m.ffn_hidden:,}, "
+        f"L {m.seq_len:,}"
+    )
+    if vocab:
+        dims = ModelDims.from_config(cfg, vocab)
+        params = dims.parameters()
+        lines.append(
+            f"model   {_count(sum(params.values()))} parameters ({_count(params['transformer'])} in the "
+            f"transformer): {shape}, V {vocab:,}{vocab_note} padded to {dims.vocab_size:,}"
+        )
+    else:
+        lines.append(f"model   {shape}, V {vocab_note}")
+    lines.append(
+        f"cluster TP {tp} x DP {plan.dp_size} = {tp * plan.dp_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, "
+        f"{cfg.train.precision}"
+    )
+    split = (
+        f"patch.fraction {p.fraction:.4g} -> {plan.phases[0].steps:,} patch steps (nearest whole step)"
+        if plan.switch_step is not None
+        else "a single token phase"
+    )
+    lines.append(
+        f"budget  {plan.total_tokens:,} tokens ({_count(plan.total_tokens)}) = {plan.total_steps:,} steps x "
+        f"{plan.tokens_per_step:,} tokens per step; {split}"
+    )
+    lines += ["", plan.table(), ""]
+    if flops is None:
+        lines.append("FLOPs   unknown until the vocabulary is known (see the model line)")
+        lines.append(
+            f"cost    relative to token-only training: lambda/K + 1 - lambda = {_simple_ratio(plan):.4f}x"
+        )
+        return "\n".join(lines)
+    rows = [["phase", "FLOPs/token", "FLOPs/step", "FLOPs"]]
+    rows += [
+        [ph.name, f"{ph.per_token:.4g}", f"{ph.per_step:.4g}", f"{ph.total:.4g}"]
+        for ph in flops.phases
+    ]
+    rows.append(["total", "", "", f"{flops.total:.4g}"])
+    rows.append(
+        ["token-only", f"{flops.token_only_per_token:.4g}", "", f"{flops.token_only_total:.4g}"]
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines.append(
+        "FLOPs (model FLOPs: matmuls, forward + backward; token-only = the same budget without patches)"
+    )
+    lines += [
+        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+        for r in rows
+    ]
+    lines.append("")
+    lines.append(
+        f"cost    relative to token-only training: lambda/K + 1 - lambda = {flops.simple_ratio:.4f}x; "
+        f"precise (attention, output layer, patch averaging, whole steps) = {flops.precise_ratio:.6f}x"
+    )
+    return "\n".join(lines)
+
+
+def _simple_ratio(plan: StagePlan) -> float:
+    if plan.patch_size == 1:
+        return 1.0
+    return plan.patch_fraction / plan.patch_size + 1 - plan.patch_fraction

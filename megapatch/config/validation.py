@@ -1,0 +1,199 @@
+"""Checks on a built config: ranges, divisibility, cross-field rules, and the checks
+that need the launched job's shape. Every failure is one ConfigError line naming the
+file (or override) that set the key."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from megapatch.config.sections import RunConfig
+from megapatch.config.yamlio import dump_scalar
+from megapatch.errors import ConfigError
+
+# DeepSpeed keys the engine derives from the plan; setting them in parallel.deepspeed
+# would silently disagree with the phase batch shapes.
+_ENGINE_OWNED_DEEPSPEED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+)
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else dump_scalar(value)
+
+
+class Checker:
+    """Builds one-line ConfigErrors that name the file (or override) that set a key."""
+
+    def __init__(self, provenance: dict, source: str):
+        self.provenance = provenance
+        self.source = source
+
+    def where(self, key: str) -> str:
+        return self.provenance.get(key) or self.source
+
+    def fail(self, key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{self.where(key)}: {key}={_fmt(value)}: expected {expected}")
+
+    def unknown(self, key: str, candidates: list[str]) -> None:
+        hint = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if not hint:  # a key in the wrong section: match on the last part
+            leaf = key.rsplit(".", 1)[-1]
+            hint = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:1]
+        suggestion = (
+            f"; did you mean {hint[0]!r}?"
+            if hint
+            else f"; known keys: {', '.join(sorted(candidates))}"
+        )
+        raise ConfigError(f"{self.where(key)}: unknown key {key!r}{suggestion}")
+
+
+# Range checks by key; None (an optional value left unset) always passes.
+_POSITIVE = """
+    model.d_model model.n_layers model.n_heads model.n_kv_heads model.ffn_hidden model.seq_len
+    model.rope_theta model.norm_eps model.init_std model.make_vocab_size_divisible_by
+    parallel.tensor_model_parallel_size parallel.nodes parallel.gpus_per_node patch.size
+    train.total_tokens train.tokens_per_step train.micro_batch_size train.lr train.eps
+    train.max_nonfinite_steps train.max_steps checkpoint.keep_last eval.max_windows logging.interval
+""".split()
+_NON_NEGATIVE = """
+    data.num_workers data.prefetch train.min_lr train.warmup_steps train.weight_decay
+    train.grad_clip checkpoint.interval eval.interval
+""".split()
+_UNIT_INTERVAL = {  # [0, 1)
+    "patch.fraction": "a number in [0, 1) (the share of the budget trained on patches)",
+    "train.beta1": "a number in [0, 1)",
+    "train.beta2": "a number in [0, 1)",
+}
+
+
+def validate(cfg: RunConfig, check: Checker) -> None:
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key in _POSITIVE:
+        if get(key) is not None and get(key) <= 0:
+            check.fail(key, get(key), "a positive value")
+    for key in _NON_NEGATIVE:
+        if get(key) < 0:
+            check.fail(key, get(key), "a value >= 0")
+    for key, expected in _UNIT_INTERVAL.items():
+        if not 0.0 <= get(key) < 1.0:
+            check.fail(key, get(key), expected)
+
+    m, par, d, t = cfg.model, cfg.parallel, cfg.data, cfg.train
+    if m.vocab_size != "auto" and m.vocab_size < 2:
+        check.fail("model.vocab_size", m.vocab_size, 'an integer >= 2 or "auto"')
+    if m.d_model % m.n_heads:
+        check.fail("model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        head = m.d_model // m.n_heads
+        check.fail(
+            "model.n_heads", m.n_heads, f"an even head size d_model/n_heads for RoPE, not {head}"
+        )
+    if m.n_heads % m.n_kv_heads:
+        check.fail("model.n_kv_heads", m.n_kv_heads, f"a divisor of model.n_heads={m.n_heads}")
+
+    tp = par.tensor_model_parallel_size
+    if m.n_heads % tp or m.n_kv_heads % tp:
+        heads = f"model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}"
+        check.fail("parallel.tensor_model_parallel_size", tp, f"a divisor of {heads}")
+    if par.zero_stage not in (0, 1, 2, 3):
+        check.fail("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
+    if par.zero_stage == 3 and tp > 1:
+        check.fail("parallel.zero_stage", 3, f"0, 1 or 2 with TP={tp} (ZeRO-3 needs TP=1)")
+    for key in _ENGINE_OWNED_DEEPSPEED_KEYS:
+        if key in par.deepspeed:
+            why = "batch shapes come from train.tokens_per_step and train.micro_batch_size"
+            check.fail("parallel.deepspeed", {key: par.deepspeed[key]}, f"no {key} ({why})")
+
+    if (d.path is None) == (d.blend is None):
+        check.fail("data.path", d.path, "exactly one of data.path and data.blend to be set")
+    if d.blend is not None:
+        _validate_blend(d.blend, check)
+    if t.min_lr > t.lr:
+        check.fail("train.min_lr", t.min_lr, f"at most train.lr={t.lr}")
+    if not t.resume.strip():
+        check.fail("train.resume", t.resume, '"auto", "none" or a checkpoint path')
+
+    # Whole sequences per step in both phases, a non-empty token phase, and a
+    # micro-batch that divides the sequences: the plan at DP=1 checks all of it.
+    from megapatch.schedule import StagePlan
+
+    StagePlan.from_config(cfg, dp_size=1)
+
+
+def _validate_blend(blend: list, check: Checker) -> None:
+    if not blend:
+        check.fail("data.blend", blend, "a non-empty list of {path, weight} entries")
+    for i, entry in enumerate(blend):
+        key = f"data.blend[{i}]"
+        if not isinstance(entry, dict):
+            check.fail(key, entry, "a mapping {path: ..., weight: ...}")
+        for k in entry:
+            if k not in ("path", "weight"):
+                hint = difflib.get_close_matches(k, ["path", "weight"], n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                check.fail(key, entry, f"only the keys path and weight{suggestion}")
+        if not isinstance(entry.get("path"), str):
+            check.fail(f"{key}.path", entry.get("path"), "a prep output directory (a string)")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            check.fail(f"{key}.weight", weight, "a positive number")
+        entry["weight"] = float(weight)
+
+
+def validate_for_world(
+    cfg: RunConfig,
+    world_size: int,
+    *,
+    local_world_size: int | None = None,
+    local_devices: int | None = None,
+):
+    """Checks that need the launched job's shape; returns the StagePlan for DP = world/TP.
+
+    `local_devices` is the number of accelerators on this node (None or 0 on CPU, where
+    any number of processes may share the machine).
+    """
+    from megapatch.schedule import StagePlan
+
+    check = Checker(cfg.provenance, cfg.source)
+    tp = cfg.parallel.tensor_model_parallel_size
+    if world_size % tp:
+        check.fail(
+            "parallel.tensor_model_parallel_size", tp, f"a divisor of the world size {world_size}"
+        )
+    expected = (
+        cfg.parallel.nodes * cfg.parallel.gpus_per_node if cfg.parallel.gpus_per_node else None
+    )
+    if expected is not None and expected != world_size:
+        raise ConfigError(
+            f"{check.where('parallel.gpus_per_node')}: parallel.nodes={cfg.parallel.nodes} x "
+            f"parallel.gpus_per_node={cfg.parallel.gpus_per_node} = {expected} ranks expected, "
+            f"but the launcher started {world_size}"
+        )
+    if local_devices and local_world_size and local_world_size > local_devices:
+        raise ConfigError(
+            f"{cfg.source}: {local_world_size} ranks on this node but only {local_devices} devices; "
+            "start one rank per device"
+        )
+    return StagePlan.from_config(cfg, dp_size=world_size // tp)
+
+
+def resolve_vocab_size(
+    cfg: RunConfig, data_vocab_size: int, data_source: str = "the data manifest"
+) -> int:
+    """The model's vocabulary size: the tokenizer's for "auto"; a configured size must
+    cover every token id the data can contain."""
+    configured = cfg.model.vocab_size
+    if configured == "auto":
+        return data_vocab_size
+    if configured < data_vocab_size:
+        raise ConfigError(
+            f"{cfg.provenance.get('model.vocab_size', cfg.source)}: model.vocab_size={configured}: expected at least "
+            f'the tokenizer\'s vocabulary size {data_vocab_size} (from {data_source}), or "auto"'
+        )
+    return configured

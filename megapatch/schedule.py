@@ -1,0 +1,407 @@
+"""The stage scheduler: from the budget, K, lambda, L and tokens per step, the phases of a
+run, their batch shapes and their learning-rate curves. Pure Python, no torch.
+
+    plan = StagePlan.from_config(cfg, dp_size=4)
+    plan.phases                  # (Phase("patch", ...), Phase("token", ...)) or just the token phase
+    plan.phase_at(step).name     # "patch" | "token"   (global optimizer steps count from 0)
+    plan.lr(step)
+    print(plan.table())
+
+Rules, in one place:
+
+- Steps. The run has `total_tokens // tokens_per_step` optimizer steps (the remainder
+  of the budget is dropped). The patch phase gets lambda of those steps, rounded to the
+  nearest whole step (halves round up); the token phase the rest, and must not be empty.
+- K=1 or lambda=0 is a single token phase: a K=1 patch phase *is* token training, so
+  treating it as one makes a K=1 run equal a plain token run step for step, with one LR
+  curve and no optimizer reset.
+- Tokens per optimizer step are equal in both phases. A patch-phase sequence holds K*L
+  tokens (L patches), so the patch phase takes K times fewer sequences per step.
+- Batch shape. The token phase uses train.micro_batch_size and gradient accumulation
+  sequences / (micro x DP), which must be whole. The patch phase keeps the same
+  micro-batch -- the transformer sees L positions per sequence in both phases, so
+  activation memory is the same -- and divides accumulation by K. When accumulation is
+  not a multiple of K, the patch micro-batch becomes the largest divisor of the patch
+  sequences per rank that does not exceed the token micro-batch.
+- Learning rate. Each phase warms up linearly for warmup_steps (step i of the phase gets
+  peak*(i+1)/warmup, so the last warmup step is at peak), then decays (cosine, linear, or
+  constant) to min_lr, reached exactly at the phase's last step. With rewarm=false the
+  run has one curve: warmup at step 0 and decay over all steps, the switch in between.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from megapatch.errors import ConfigError
+
+__all__ = ["PATCH", "TOKEN", "LRSchedule", "Phase", "StagePlan"]
+
+PATCH = "patch"
+TOKEN = "token"
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup then decay to a floor, over `steps` optimizer steps from `start_step`."""
+
+    peak: float
+    floor: float
+    warmup_steps: int
+    steps: int
+    start_step: int = 0
+    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+
+    def __call__(self, global_step: int) -> float:
+        i = global_step - self.start_step
+        if i < self.warmup_steps:
+            return self.peak * (i + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.peak
+        progress = min(1.0, (i - self.warmup_steps + 1) / (self.steps - self.warmup_steps))
+        if self.decay == "linear":
+            return self.floor + (self.peak - self.floor) * (1.0 - progress)
+        return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * progress))
+
+    def describe(self, rewarm: bool = False) -> str:
+        warm = "re-warm" if rewarm else "warmup"
+        text = f"{warm} {self.warmup_steps:,} steps to {self.peak:g}"
+        if self.decay == "constant":
+            return text + ", then constant"
+        last = self.start_step + self.steps - 1
+        return text + f", {self.decay} to {self.floor:g} at step {last:,}"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of training with its batch shape; steps are global optimizer steps."""
+
+    name: str  # PATCH | TOKEN
+    patch_size: int  # K (1 in the token phase)
+    seq_len: int  # L: positions the transformer sees
+    steps: int
+    first_step: int
+    sequences_per_step: int  # global, all DP ranks together
+    micro_batch_size: int  # sequences per DP rank per micro-step
+    grad_accum: int
+    dp_size: int
+    lr_schedule: LRSchedule
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return self.patch_size * self.seq_len  # K*L
+
+    @property
+    def window(self) -> int:
+        """Tokens read per sequence: K*L inputs plus the K targets of the last patch."""
+        return self.patch_size * self.seq_len + self.patch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.tokens_per_sequence
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps - 1
+
+    @property
+    def end_step(self) -> int:
+        """First global step after this phase."""
+        return self.first_step + self.steps
+
+    def contains(self, global_step: int) -> bool:
+        return self.first_step <= global_step < self.end_step
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+class StagePlan:
+    """The phases of a run for one data-parallel size. Build it with `from_config`, or
+    with explicit arguments (config key names in the error messages)."""
+
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        patch_size: int,
+        patch_fraction: float,
+        total_tokens: int,
+        tokens_per_step: int,
+        micro_batch_size: int,
+        lr: float,
+        min_lr: float = 0.0,
+        warmup_steps: int = 0,
+        lr_decay: str = "cosine",
+        dp_size: int = 1,
+        rewarm: bool = True,
+        reset_optimizer: bool = True,
+        max_steps: int | None = None,
+        source: str = "plan",
+        provenance: dict | None = None,
+    ):
+        self.inputs = dict(
+            seq_len=seq_len,
+            patch_size=patch_size,
+            patch_fraction=patch_fraction,
+            total_tokens=total_tokens,
+            tokens_per_step=tokens_per_step,
+            micro_batch_size=micro_batch_size,
+            lr=lr,
+            min_lr=min_lr,
+            warmup_steps=warmup_steps,
+            lr_decay=lr_decay,
+            dp_size=dp_size,
+            rewarm=rewarm,
+            reset_optimizer=reset_optimizer,
+            max_steps=max_steps,
+        )
+        self.source = source
+        self._provenance = provenance or {}  # dotted key -> file or override that set it
+        self.seq_len, self.patch_size, self.patch_fraction = seq_len, patch_size, patch_fraction
+        self.tokens_per_step, self.dp_size = tokens_per_step, dp_size
+        self.rewarm, self.reset_optimizer, self.max_steps = rewarm, reset_optimizer, max_steps
+        if dp_size < 1:
+            raise ConfigError(f"{source}: data-parallel size {dp_size}: expected at least 1")
+        if tokens_per_step % seq_len:
+            self._fail(
+                "train.tokens_per_step", tokens_per_step, f"a multiple of model.seq_len={seq_len}"
+            )
+
+        self.total_steps = total_tokens // tokens_per_step
+        if self.total_steps < 1:
+            self._fail(
+                "train.total_tokens",
+                total_tokens,
+                f"at least train.tokens_per_step={tokens_per_step:,} (one step)",
+            )
+        patch_steps = 0
+        if patch_size > 1 and patch_fraction > 0:
+            patch_steps = math.floor(patch_fraction * self.total_steps + 0.5)
+        token_steps = self.total_steps - patch_steps
+        if token_steps < 1:
+            self._fail(
+                "patch.fraction",
+                patch_fraction,
+                f"a smaller share: it rounds all {self.total_steps:,} steps into the patch phase and "
+                "leaves none for the token phase (or raise train.total_tokens)",
+            )
+        if patch_steps and tokens_per_step % (patch_size * seq_len):
+            self._fail(
+                "train.tokens_per_step",
+                tokens_per_step,
+                f"a multiple of model.seq_len x patch.size = {seq_len * patch_size:,} so both phases have whole sequences",
+            )
+
+        token_sequences = tokens_per_step // seq_len
+        self._check_token_batch(token_sequences, micro_batch_size)
+        whole_run = LRSchedule(lr, min_lr, warmup_steps, self.total_steps, 0, lr_decay)
+
+        def schedule(first: int, steps: int) -> LRSchedule:
+            return (
+                LRSchedule(lr, min_lr, warmup_steps, steps, first, lr_decay)
+                if rewarm
+                else whole_run
+            )
+
+        def phase(name: str, k: int, first: int, steps: int, sequences: int, micro: int) -> Phase:
+            accum = sequences // (dp_size * micro)
+            lr_curve = schedule(first, steps)
+            return Phase(name, k, seq_len, steps, first, sequences, micro, accum, dp_size, lr_curve)
+
+        phases = []
+        if patch_steps:
+            patch_sequences = token_sequences // patch_size
+            if patch_sequences % dp_size:
+                self._fail(
+                    "train.tokens_per_step",
+                    tokens_per_step,
+                    f"{patch_sequences:,} patch-phase sequences per step (tokens_per_step / (K x L)) "
+                    f"divisible by the data-parallel size {dp_size}",
+                )
+            patch_micro = _largest_divisor_at_most(patch_sequences // dp_size, micro_batch_size)
+            phases.append(phase(PATCH, patch_size, 0, patch_steps, patch_sequences, patch_micro))
+        phases.append(phase(TOKEN, 1, patch_steps, token_steps, token_sequences, micro_batch_size))
+        self.phases: tuple[Phase, ...] = tuple(phases)
+
+    def _fail(self, key: str, value, expected: str) -> None:
+        where = self._provenance.get(key, self.source)
+        raise ConfigError(f"{where}: {key}={value!r}: expected {expected}")
+
+    def _check_token_batch(self, sequences: int, micro: int) -> None:
+        if micro > sequences:
+            self._fail(
+                "train.micro_batch_size",
+                micro,
+                f"at most the {sequences:,} token-phase sequences per step",
+            )
+        if sequences % (micro * self.dp_size):
+            fits = (
+                f"e.g. {_largest_divisor_at_most(sequences // self.dp_size, micro)}"
+                if sequences % self.dp_size == 0
+                else f"none fits: {sequences:,} is not divisible by DP={self.dp_size}"
+            )
+            self._fail(
+                "train.micro_batch_size",
+                micro,
+                f"micro_batch_size x DP={self.dp_size} to divide the {sequences:,} token-phase sequences per step ({fits})",
+            )
+
+    @classmethod
+    def from_config(cls, cfg, dp_size: int = 1) -> StagePlan:
+        """The plan of a `RunConfig` for `dp_size` data-parallel ranks."""
+        t, p = cfg.train, cfg.patch
+        return cls(
+            seq_len=cfg.model.seq_len,
+            patch_size=p.size,
+            patch_fraction=p.fraction,
+            total_tokens=t.total_tokens,
+            tokens_per_step=t.tokens_per_step,
+            micro_batch_size=t.micro_batch_size,
+            lr=t.lr,
+            min_lr=t.min_lr,
+            warmup_steps=t.warmup_steps,
+            lr_decay=t.lr_decay,
+            dp_size=dp_size,
+            rewarm=p.rewarm,
+            reset_optimizer=p.reset_optimizer,
+            max_steps=t.max_steps,
+            source=cfg.source,
+            provenance=cfg.provenance,
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the plan trains on: whole steps only."""
+        return self.total_steps * self.tokens_per_step
+
+    @property
+    def steps_to_run(self) -> int:
+        """Steps actually taken: total_steps, or train.max_steps if smaller."""
+        return self.total_steps if self.max_steps is None else min(self.total_steps, self.max_steps)
+
+    @property
+    def switch_step(self) -> int | None:
+        """First global step of the token phase when there is a patch phase, else None."""
+        return self.phases[-1].first_step if len(self.phases) > 1 else None
+
+    @property
+    def effective_patch_fraction(self) -> float:
+        """Share of steps (and tokens) in the patch phase after rounding."""
+        return (self.total_steps - self.phases[-1].steps) / self.total_steps
+
+    def phase(self, name: str) -> Phase | None:
+        return next((ph for ph in self.phases if ph.name == name), None)
+
+    def phase_at(self, global_step: int) -> Phase:
+        for ph in self.phases:
+            if ph.contains(global_step):
+                return ph
+        raise IndexError(f"step {global_step} is outside the plan's {self.total_steps} steps")
+
+    def lr(self, global_step: int) -> float:
+        return self.phase_at(global_step).lr_schedule(global_step)
+
+    def tokens_after(self, steps_done: int) -> int:
+        """Tokens consumed once `steps_done` optimizer steps are complete."""
+        return steps_done * self.tokens_per_step
+
+    def state_dict(self) -> dict:
+        """JSON-able: the inputs (enough to rebuild the plan) and the derived phases."""
+        phases = []
+        for ph in self.phases:
+            derived = dict(window=ph.window, tokens_per_step=ph.tokens_per_step, tokens=ph.tokens)
+            phases.append({**asdict(ph), **derived, "last_step": ph.last_step})
+        return {
+            "version": 1,
+            "inputs": dict(self.inputs),
+            "total_steps": self.total_steps,
+            "phases": phases,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> StagePlan:
+        return cls(**state["inputs"])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StagePlan) and self.inputs == other.inputs
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{ph.name}: {ph.steps} steps" for ph in self.phases)
+        return f"StagePlan({parts}; {self.tokens_per_step} tokens/step, DP={self.dp_size})"
+
+    # ------------------------------------------------------------------ text
+
+    def table(self) -> str:
+        """The phases as a text table, then the LR curves and the switch."""
+        rows = [[column(ph) for _, column in _COLUMNS] for ph in self.phases]
+        if len(self.phases) > 1:
+            total = {
+                "phase": "total",
+                "steps": f"{self.total_steps:,}",
+                "tokens": f"{self.total_tokens:,}",
+            }
+            total["tokens/step"] = f"{self.tokens_per_step:,}"
+            rows.append([total.get(name, "") for name, _ in _COLUMNS])
+        lines = _format_table([name for name, _ in _COLUMNS], rows)
+        lines.append("")
+        two_phases = len(self.phases) > 1
+        for ph in self.phases:
+            if ph.name == TOKEN and two_phases and not self.rewarm:
+                curve = f"continues the run's single curve ({ph.lr_schedule.describe()})"
+            else:
+                curve = ph.lr_schedule.describe(rewarm=ph.name == TOKEN and two_phases)
+            lines.append(f"lr     {ph.name}: {curve}")
+        if two_phases:
+            patch, token = self.phases
+            optimizer = "optimizer state reset" if self.reset_optimizer else "optimizer state kept"
+            lines.append(
+                f"switch at step {self.switch_step:,}: K {patch.patch_size} -> 1, window "
+                f"{patch.window:,} -> {token.window:,} tokens, micro x accum "
+                f"{patch.micro_batch_size} x {patch.grad_accum} -> "
+                f"{token.micro_batch_size} x {token.grad_accum}, {optimizer}"
+            )
+        elif self.patch_size == 1:
+            lines.append("patch.size=1: a single token phase (ordinary next-token training)")
+        if self.steps_to_run < self.total_steps:
+            lines.append(
+                f"train.max_steps={self.max_steps:,}: stops after {self.steps_to_run:,} "
+                f"of {self.total_steps:,} steps"
+            )
+        return "\n".join(lines)
+
+
+# The plan table: (header, cell of a phase).
+_COLUMNS = (
+    ("phase", lambda ph: ph.name),
+    ("K", lambda ph: str(ph.patch_size)),
+    ("steps", lambda ph: f"{ph.steps:,}"),
+    ("global steps", lambda ph: f"{ph.first_step:,} - {ph.last_step:,}"),
+    ("positions", lambda ph: f"{ph.seq_len:,}"),
+    ("tokens/seq", lambda ph: f"{ph.tokens_per_sequence:,}"),
+    ("window", lambda ph: f"{ph.window:,}"),
+    ("seqs/step", lambda ph: f"{ph.sequences_per_step:,}"),
+    ("micro x accum x DP", lambda ph: f"{ph.micro_batch_size} x {ph.grad_accum} x {ph.dp_size}"),
+    ("tokens/step", lambda ph: f"{ph.tokens_per_step:,}"),
+    ("tokens", lambda ph: f"{ph.tokens:,}"),
+)
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {0, 3, 8}  # text columns; numbers align right
+    out = []
+    for row in [header, *rows]:
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
