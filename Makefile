@@ -24,7 +24,6 @@ install-dev: $(VENV)/.installed-dev
 quickstart: install
 	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
 	$(VENV)/bin/megapatch train configs/tiny.yaml data.path=$(DATA) run.dir=$(RUN) train.resume=auto
-	$(VENV)/bin/megapatch eval $(RUN) --data $(DATA)
 	$(VENV)/bin/megapatch summary $(RUN)
 
 test: install-dev

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megapatch import faults
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
 
@@ -157,6 +158,7 @@ class CheckpointManager:
             tmp = rank_dir / f".rank_{rank:05d}.pt.tmp"
             torch.save({"rng": rng_state(), **rank_state}, tmp)
             os.replace(tmp, rank_dir / f"rank_{rank:05d}.pt")
+            faults.maybe_kill_in_save(step)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {path}: {exc.strerror or exc}; "

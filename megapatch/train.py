@@ -1,0 +1,485 @@
+"""The training loop: orchestration only.
+
+Each concern lives elsewhere — the plan in `schedule`, data in `data`, the model in
+`model`, DeepSpeed settings in `optimizer`, saving in `checkpoint`, reporting in
+`metrics`. This file wires them together and owns the one thing nobody else can: the
+patch → token switch (new batch shape and window, optimizer reset, K=1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megapatch import faults, parallel
+from megapatch.checkpoint import CheckpointManager
+from megapatch.config import RunConfig, load_config, resolve_vocab_size, validate_for_world
+from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed
+from megapatch.errors import CheckpointError, ConfigError, MegapatchError
+from megapatch.evaluate import perplexity, windowed_loss
+from megapatch.logging_utils import get_logger
+from megapatch.metrics import MetricsWriter, Throughput, peak_flops
+from megapatch.optimizer import (
+    deepspeed_config,
+    param_groups,
+    reset_optimizer_state,
+    set_lr,
+    skips_nonfinite_steps,
+)
+from megapatch.preemption import PreemptionHandler
+
+log = get_logger("train")
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint (client state)."""
+
+    global_step: int = 0
+    phase_index: int = 0
+    step_in_phase: int = 0
+    consumed_windows: dict[str, int] = field(default_factory=dict)  # per phase, global count
+    tokens: dict[str, int] = field(default_factory=dict)  # per phase
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    wall_time: dict[str, float] = field(default_factory=dict)  # per phase, seconds of training
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Progress:
+        return cls(**state)
+
+
+@dataclass
+class RunResult:
+    status: str  # completed | preempted | max_steps | nonfinite
+    global_step: int
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+class NonFiniteLossError(MegapatchError):
+    """Too many consecutive non-finite losses: the run stops with its last good checkpoint."""
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, ckpt: CheckpointManager) -> None:
+    """Refuse to mix runs: a run dir belongs to one config identity."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            previous = load_config(saved)
+        except ConfigError as exc:
+            raise ConfigError(f"{saved} is not a readable megapatch config ({exc}); choose another run.dir") from exc
+        if previous.config_hash() != cfg.config_hash():
+            diff = "; ".join(cfg.identity_diff(previous)[:3])
+            raise ConfigError(
+                f"run.dir {run_dir} belongs to a different run (config hash {previous.config_hash()} "
+                f"vs {cfg.config_hash()}: {diff}); choose another run.dir"
+            )
+    if cfg.train.resume == "none" and ckpt.complete_checkpoints():
+        raise ConfigError(
+            f"run.dir {run_dir} already has checkpoints in {ckpt.dir}: pass train.resume=auto to "
+            "continue that run, or choose another run.dir (nothing was overwritten)"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        from megapatch.data import build_phase_streams, eval_windows, open_corpus
+        from megapatch.model import GPT, GPTConfig
+
+        self.cfg, self.env = cfg, env
+        tp = cfg.parallel.tensor_model_parallel_size
+        local_devices = torch.cuda.device_count() if torch.cuda.is_available() else None
+        self.plan = validate_for_world(
+            cfg, env.world_size, local_world_size=env.local_world_size, local_devices=local_devices
+        )
+        parallel.initialize_model_parallel(tp)
+        self.dp_rank = parallel.get_data_parallel_rank()
+        self.dp_size = parallel.get_data_parallel_world_size()
+        self.is_rank0 = env.rank == 0
+
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep_last or 0)
+        _check_run_dir(cfg, self.run_dir, self.ckpt)
+
+        # Data: one seeded stream per phase over disjoint tokens.
+        self.corpus = open_corpus(cfg.train_data, split="train")
+        self.vocab_size = resolve_vocab_size(cfg, self.corpus.vocab_size)
+        patch_tokens = sum(p.tokens for p in self.plan.phases if p.name == "patch")
+        total = sum(p.tokens for p in self.plan.phases)
+        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.run.seed
+        self.streams = build_phase_streams(
+            self.corpus,
+            total_tokens=total,
+            patch_fraction=patch_tokens / total,
+            patch_size=cfg.patch.size,
+            seq_len=cfg.model.seq_len,
+            seed=data_seed,
+        )
+        valid = open_corpus(cfg.valid_data, split="valid")
+        self.valid_windows = {
+            1: eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows),
+        }
+        k = cfg.patch.size
+        if any(p.name == "patch" for p in self.plan.phases):
+            self.valid_windows[k] = eval_windows(valid, k * cfg.model.seq_len + k - 1, max_windows=cfg.eval.max_windows)
+
+        m = cfg.model
+        self.model_config = GPTConfig(
+            vocab_size=self.vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads,
+            ffn_hidden=m.ffn_hidden,
+            seq_len=m.seq_len,
+            rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps,
+            tie_embeddings=m.tie_embeddings,
+            init_std=m.init_std,
+            activation_checkpointing=m.activation_checkpointing,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+            ops_backend=cfg.train.ops_backend,
+        )
+        model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
+        if cfg.init.from_hf:
+            from megapatch.hf import load_hf_into_model
+
+            load_hf_into_model(model, cfg.init.from_hf)
+
+        first = self.plan.phases[0]
+        t = cfg.train
+        self.ds_config = deepspeed_config(
+            micro_batch_size=first.micro_batch_size,
+            grad_accum=first.grad_accum,
+            dp_size=self.dp_size,
+            zero_stage=cfg.parallel.zero_stage,
+            precision=t.precision,
+            grad_clip=t.grad_clip,
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            on_cuda=env.device.type == "cuda",
+            overrides=cfg.parallel.deepspeed,
+        )
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, t.weight_decay),
+            config=self.ds_config,
+            mpu=parallel.mpu,
+        )
+        self.native_skip = skips_nonfinite_steps(self.engine)
+        self.progress = Progress(
+            consumed_windows={p.name: 0 for p in self.plan.phases},
+            tokens={p.name: 0 for p in self.plan.phases},
+            wall_time={p.name: 0.0 for p in self.plan.phases},
+        )
+        self.preemption = PreemptionHandler()
+        self.metrics: MetricsWriter | None = None
+        self.samplers: dict[str, Any] = {}
+        self.peak = peak_flops(torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None)
+
+    # -- state ----------------------------------------------------------------------------
+    def _client_state(self) -> dict[str, Any]:
+        return {"megapatch": {"progress": self.progress.state_dict(), "config_hash": self.cfg.config_hash()}}
+
+    def save(self, reason: str) -> None:
+        path = self.ckpt.save(self.engine, self.progress.global_step, self._client_state(), rank_state={})
+        log.info("checkpoint (%s) at step %d: %s", reason, self.progress.global_step, path)
+
+    def maybe_resume(self) -> int | None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            self.ckpt.remove_incomplete()
+            info = self.ckpt.latest()
+            if info is None:
+                log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.ckpt.dir)
+                return None
+        else:
+            from megapatch.checkpoint import CheckpointInfo
+
+            path = Path(resume)
+            if not (path / "COMPLETE").is_file():
+                raise CheckpointError(f"train.resume={resume}: not a complete megapatch checkpoint directory")
+            info = CheckpointInfo(path.name, int(path.name.split("_")[-1]), path)
+        client_state, _ = self.ckpt.load(self.engine, info)
+        state = client_state.get("megapatch")
+        if state is None:
+            raise CheckpointError(f"{info.path} was not written by megapatch (no megapatch client state)")
+        if state["config_hash"] != self.cfg.config_hash():
+            raise CheckpointError(
+                f"{info.path} belongs to a run with config hash {state['config_hash']}, "
+                f"this config's is {self.cfg.config_hash()}; choose another run.dir or checkpoint"
+            )
+        self.progress = Progress.from_state_dict(state["progress"])
+        log.info("resumed from %s at step %d", info.path, self.progress.global_step)
+        return self.progress.global_step
+
+    # -- phases ---------------------------------------------------------------------------
+    def enter_phase(self, index: int, *, switching: bool) -> Any:
+        """Shape the engine and data for phase `index`; returns the micro-batch iterator."""
+        from megapatch.data import PrefetchLoader, WindowSampler
+
+        phase = self.plan.phases[index]
+        engine = self.engine
+        engine.set_train_micro_batch_size(phase.micro_batch_size)
+        engine.set_train_batch_size(phase.micro_batch_size * phase.grad_accum * self.dp_size)
+        if switching and self.cfg.patch.reset_optimizer:
+            cleared = reset_optimizer_state(engine)
+            log.info("switch to %s phase: optimizer state reset (%d tensors cleared)", phase.name, cleared)
+        sampler = WindowSampler(
+            self.streams[phase.name],
+            global_batch=phase.sequences_per_step,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+        )
+        sampler.load_state_dict({"consumed_windows": self.progress.consumed_windows[phase.name]})
+        self.samplers[phase.name] = sampler
+        log.info(
+            "%s phase: %d steps, window %d tokens, K=%d, micro-batch %d x accumulation %d x DP %d",
+            phase.name, phase.steps, phase.window, phase.patch_size,
+            phase.micro_batch_size, phase.grad_accum, self.dp_size,
+        )
+        return iter(PrefetchLoader(sampler, phase.micro_batch_size, self.env.device))
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, phase, batches) -> tuple[float, bool, float | None]:
+        engine, k = self.engine, phase.patch_size
+        set_lr(engine, self.plan.lr(self.progress.global_step))
+        losses = []
+        for micro in range(phase.grad_accum):
+            batch = next(batches)
+            engine.set_gradient_accumulation_boundary(micro == phase.grad_accum - 1)
+            loss = engine(batch[:, :-k], batch[:, k:], patch_size=k)
+            loss = self._inject_fault(loss)
+            losses.append(loss.detach().float())
+            engine.backward(loss)
+            if micro < phase.grad_accum - 1:
+                engine.step()
+        mean_loss = torch.stack(losses).mean()
+        bad = all_ranks_agree(not bool(torch.isfinite(mean_loss)), self.env.device)
+        if bad and not self.native_skip:
+            engine.zero_grad()  # plain fp32 optimizers would apply NaN; skip the update ourselves
+        else:
+            engine.step()  # ZeRO / bf16 skip a non-finite step themselves
+        grad_norm = engine.get_global_grad_norm()
+        if dist.is_initialized() and self.dp_size > 1:
+            dist.all_reduce(mean_loss, group=parallel.get_data_parallel_group())
+            mean_loss /= self.dp_size
+        return float(mean_loss), bad, (float(grad_norm) if grad_norm is not None else None)
+
+    def _inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if faults.nan_at(self.progress.global_step) else loss
+
+    def evaluate(self, phase) -> dict[str, float]:
+        out: dict[str, float] = {}
+        engine = self.engine
+        engine.eval()
+        try:
+            for k, windows in sorted(self.valid_windows.items()):
+                if k != 1 and phase.name != "patch":
+                    continue
+                loss, _ = windowed_loss(
+                    engine,
+                    windows,
+                    patch_size=k,
+                    micro_batch_size=phase.micro_batch_size,
+                    device=self.env.device,
+                    dp_rank=self.dp_rank,
+                    dp_size=self.dp_size,
+                    dp_group=parallel.get_data_parallel_group(),
+                )
+                if k == 1:
+                    out["val_loss"], out["val_ppl"] = loss, perplexity(loss)
+                else:
+                    out["val_patch_loss"] = loss
+        finally:
+            engine.train()
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        resumed_at = self.maybe_resume()
+        if self.is_rank0:
+            cfg.save_resolved(self.run_dir)
+            (self.run_dir / "plan.txt").write_text(self.plan.table() + "\n")
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            enabled=self.is_rank0,
+            resume_step=resumed_at,
+            wandb_cfg={
+                "mode": cfg.logging.wandb_mode,
+                "project": cfg.logging.wandb_project,
+                "name": cfg.run.name,
+                "config": cfg.to_dict(),
+            },
+        )
+        self.preemption.install()
+        status = "completed"
+        bar = self._progress_bar()
+        try:
+            status = self._loop(bar)
+        finally:
+            self.preemption.restore()
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        summary = self.summary(status)
+        if self.is_rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return RunResult(status, self.progress.global_step, self.run_dir, summary)
+
+    def _progress_bar(self):
+        if not (self.is_rank0 and self.cfg.logging.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.plan.total_steps, initial=self.progress.global_step, unit="step", dynamic_ncols=True)
+
+    def _loop(self, bar) -> str:
+        cfg, p = self.cfg, self.progress
+        max_steps = cfg.train.max_steps
+        previous_phase = None
+        while p.phase_index < len(self.plan.phases):
+            phase = self.plan.phases[p.phase_index]
+            if p.step_in_phase >= phase.steps:  # resumed exactly at the end of a phase
+                p.phase_index, p.step_in_phase = p.phase_index + 1, 0
+                previous_phase = phase
+                continue
+            switching = previous_phase is not None and previous_phase.name == "patch"
+            batches = self.enter_phase(p.phase_index, switching=switching and p.step_in_phase == 0)
+            throughput = Throughput()
+            while p.step_in_phase < phase.steps:
+                if max_steps is not None and p.global_step >= max_steps:
+                    return "max_steps"
+                t0 = time.perf_counter()
+                loss, bad, grad_norm = self.train_step(phase, batches)
+                dt = time.perf_counter() - t0
+                p.global_step += 1
+                p.step_in_phase += 1
+                p.consumed_windows[phase.name] += phase.sequences_per_step
+                p.tokens[phase.name] += phase.tokens_per_step
+                p.wall_time[phase.name] += dt
+                throughput.add(phase.tokens_per_step)
+                if bad:
+                    p.nonfinite_total += 1
+                    p.nonfinite_streak += 1
+                    log.warning("step %d: non-finite loss, update skipped (%d in a row)", p.global_step, p.nonfinite_streak)
+                else:
+                    p.nonfinite_streak = 0
+                record = self._record(phase, loss, grad_norm, dt, throughput)
+                at_phase_end = p.step_in_phase == phase.steps
+                if cfg.eval.interval and p.global_step % cfg.eval.interval == 0:
+                    record.update(self.evaluate(phase))
+                if p.global_step % cfg.logging.interval == 0 or "val_loss" in record or at_phase_end:
+                    self.metrics.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(
+                        f"{phase.name} loss {loss:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+                    )
+                if p.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                    self._stop_for_nonfinite()
+                stop = all_ranks_agree(self.preemption.requested, self.env.device)
+                interval = cfg.checkpoint.interval
+                if stop:
+                    self.save("preemption")
+                    return "preempted"
+                if interval and p.global_step % interval == 0:
+                    self.save("interval")
+                elif at_phase_end and phase.name == "patch" and cfg.checkpoint.at_switch:
+                    self.save("switch")
+                faults.maybe_kill_after_step(p.global_step)
+            previous_phase = phase
+            p.phase_index, p.step_in_phase = p.phase_index + 1, 0
+        last = self.plan.phases[-1]
+        if cfg.eval.at_end:
+            final = {"step": p.global_step, "phase": last.name, "tokens": sum(p.tokens.values())}
+            final.update(self.evaluate(last))
+            final["final"] = True
+            self.metrics.write(final)
+            self.final_eval = final
+        self.save("end")
+        return "completed"
+
+    def _stop_for_nonfinite(self) -> None:
+        p = self.progress
+        latest = self.ckpt.latest()
+        raise NonFiniteLossError(
+            f"{p.nonfinite_streak} non-finite losses in a row at step {p.global_step} "
+            f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); the last good checkpoint "
+            f"is {latest.path if latest else 'none'}: lower train.lr or check the data, then resume"
+        )
+
+    def _record(self, phase, loss: float, grad_norm: float | None, dt: float, throughput: Throughput) -> dict:
+        p = self.progress
+        tokens_per_s = phase.tokens_per_step / dt if dt > 0 else 0.0
+        record = {
+            "step": p.global_step,
+            "phase": phase.name,
+            "patch_size": phase.patch_size,
+            "tokens": sum(p.tokens.values()),
+            "loss": loss,
+            "lr": self.plan.lr(p.global_step - 1),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": dt,
+            "flops": self.plan.flops_so_far(p.global_step) if hasattr(self.plan, "flops_so_far") else None,
+            "wall_time_s": sum(p.wall_time.values()),
+            "nonfinite_total": p.nonfinite_total,
+        }
+        if self.peak:
+            step_flops = phase.flops_per_step
+            record["mfu"] = step_flops / dt / (self.peak * self.env.world_size)
+        return record
+
+    def summary(self, status: str) -> dict[str, Any]:
+        p = self.progress
+        tokens_per_s = {
+            name: (p.tokens[name] / p.wall_time[name] if p.wall_time.get(name) else None) for name in p.tokens
+        }
+        summary: dict[str, Any] = {
+            "status": status,
+            "global_step": p.global_step,
+            "tokens": dict(p.tokens),
+            "wall_time_s": dict(p.wall_time),
+            "tokens_per_s": tokens_per_s,
+            "nonfinite_steps": p.nonfinite_total,
+            "planned_cost_ratio": self.plan.cost_ratio,
+        }
+        final = getattr(self, "final_eval", None)
+        if final:
+            summary["val_loss"] = final.get("val_loss")
+            summary["val_ppl"] = final.get("val_ppl")
+        token_rate = tokens_per_s.get("token")
+        if status == "completed" and token_rate:
+            # Wall time of this run against a token-only run of the same budget at the measured token-phase speed.
+            token_only = sum(p.tokens.values()) / token_rate
+            summary["measured_cost_ratio"] = sum(p.wall_time.values()) / token_only
+        return summary
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Run (or resume) training for `cfg` in this process; every rank calls this."""
+    env = init_distributed()
+    torch.manual_seed(cfg.run.seed)
+    trainer = Trainer(cfg, env)
+    return trainer.run()
+
+
+__all__ = ["train", "Trainer", "RunResult", "Progress", "NonFiniteLossError"]
