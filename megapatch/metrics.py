@@ -17,39 +17,6 @@ from megapatch.logging_utils import get_logger
 
 log = get_logger("metrics")
 
-# Dense bf16 peak FLOP/s of common accelerators (no sparsity); MFU is reported against these.
-PEAK_FLOPS_BF16: dict[str, float] = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "A10G": 125e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
-    "MI300X": 1307e12,
-    "MI250X": 383e12,
-}
-
-
-def peak_flops(device_name: str | None) -> float | None:
-    """Peak dense FLOP/s for a device name as torch reports it; None on CPU or unknown."""
-    if not device_name:
-        return None
-    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key.lower() in device_name.lower():
-            return PEAK_FLOPS_BF16[key]
-    return None
-
-
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf

@@ -23,8 +23,9 @@ from megapatch.config import RunConfig, load_config, resolve_vocab_size, validat
 from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed
 from megapatch.errors import CheckpointError, ConfigError, MegapatchError
 from megapatch.evaluate import perplexity, windowed_loss
+from megapatch.flops import ModelDims, peak_flops_per_second, plan_flops
 from megapatch.logging_utils import get_logger
-from megapatch.metrics import MetricsWriter, Throughput, peak_flops
+from megapatch.metrics import MetricsWriter, Throughput
 from megapatch.optimizer import (
     deepspeed_config,
     param_groups,
@@ -189,7 +190,13 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.metrics: MetricsWriter | None = None
         self.samplers: dict[str, Any] = {}
-        self.peak = peak_flops(torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None)
+        self.flops = plan_flops(ModelDims.from_config(cfg, self.vocab_size), self.plan)
+        self.phase_flops = {ph.name: ph.per_step for ph in self.flops.phases}
+        self.peak = (
+            peak_flops_per_second(torch.cuda.get_device_name(env.device), cfg.train.precision)
+            if env.device.type == "cuda"
+            else None
+        )
 
     # -- state ----------------------------------------------------------------------------
     def _client_state(self) -> dict[str, Any]:
@@ -349,7 +356,7 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.plan.total_steps, initial=self.progress.global_step, unit="step", dynamic_ncols=True)
+        return tqdm(total=self.plan.steps_to_run, initial=self.progress.global_step, unit="step", dynamic_ncols=True)
 
     def _loop(self, bar) -> str:
         cfg, p = self.cfg, self.progress
@@ -439,14 +446,20 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "step_time_s": dt,
-            "flops": self.plan.flops_so_far(p.global_step) if hasattr(self.plan, "flops_so_far") else None,
+            "flops": self._flops_done(),
             "wall_time_s": sum(p.wall_time.values()),
             "nonfinite_total": p.nonfinite_total,
         }
         if self.peak:
-            step_flops = phase.flops_per_step
-            record["mfu"] = step_flops / dt / (self.peak * self.env.world_size)
+            record["mfu"] = self.phase_flops[phase.name] / dt / (self.peak * self.env.world_size)
         return record
+
+    def _flops_done(self) -> int:
+        """Training FLOPs spent so far, from the explicit per-phase count."""
+        steps = {ph.name: 0 for ph in self.plan.phases}
+        for ph in self.plan.phases:
+            steps[ph.name] = self.progress.tokens[ph.name] // ph.tokens_per_step
+        return sum(self.phase_flops[name] * n for name, n in steps.items())
 
     def summary(self, status: str) -> dict[str, Any]:
         p = self.progress
@@ -460,7 +473,9 @@ class Trainer:
             "wall_time_s": dict(p.wall_time),
             "tokens_per_s": tokens_per_s,
             "nonfinite_steps": p.nonfinite_total,
-            "planned_cost_ratio": self.plan.cost_ratio,
+            "planned_cost_ratio": self.flops.precise_ratio,
+            "planned_cost_ratio_simple": self.flops.simple_ratio,
+            "flops": self._flops_done(),
         }
         final = getattr(self, "final_eval", None)
         if final:
