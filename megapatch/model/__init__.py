@@ -1,0 +1,17 @@
+"""The LLaMA-style GPT, written as plain PyTorch over the tensor-parallel layers."""
+
+from megapatch.model.config import GPTConfig
+from megapatch.model.gpt import GPT, IGNORE_INDEX
+from megapatch.model.transformer import MLP, Attention, Block, RMSNorm, apply_rotary, rotary_cos_sin
+
+__all__ = [
+    "GPTConfig",
+    "GPT",
+    "IGNORE_INDEX",
+    "Block",
+    "Attention",
+    "MLP",
+    "RMSNorm",
+    "rotary_cos_sin",
+    "apply_rotary",
+]

@@ -1,0 +1,227 @@
+"""GPT: a LLaMA-style causal LM that reads K tokens per position in the patch phase.
+
+The two patch-level seams are the input (the K token embeddings of a patch are averaged
+into one vector) and the loss (one output distribution scored against all K tokens of
+the next patch); the transformer in between only ever sees L positions. With K=1 this
+is an ordinary next-token language model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megapatch.errors import ConfigError, DataError
+from megapatch.model.config import GPTConfig
+from megapatch.model.transformer import (
+    RESIDUAL_OUTPUT_WEIGHTS,
+    Block,
+    RMSNorm,
+    residual_init_std,
+    rotary_cos_sin,
+)
+from megapatch.ops import patch_loss, vocab_parallel_patch_loss
+from megapatch.parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    get_tensor_model_parallel_group,
+    get_tensor_model_parallel_world_size,
+    init_weight_shard_,
+    pad_vocab_size,
+    parameter_seed,
+)
+
+IGNORE_INDEX = -100
+
+
+class GPT(nn.Module):
+    """`GPT(cfg, seed)` builds the TP shard of this rank (TP size from megapatch.parallel).
+
+    A TP=n model built from a seed holds exactly the shards of the TP=1 model built from
+    that seed: every weight is drawn whole from its own generator, seeded by (seed, name),
+    and sliced.
+    """
+
+    def __init__(self, cfg: GPTConfig, seed: int = 0):
+        super().__init__()
+        self.tp_size = get_tensor_model_parallel_world_size()
+        cfg.validate(self.tp_size)
+        self.cfg = cfg
+        self.padded_vocab_size = pad_vocab_size(
+            cfg.vocab_size, cfg.make_vocab_size_divisible_by, self.tp_size
+        )
+
+        self.embed_tokens = VocabParallelEmbedding(
+            self.padded_vocab_size, cfg.d_model, seed=None, backend=cfg.ops_backend
+        )
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # The output head is [V_pad, D] split by vocabulary rows, like the embedding.
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else ColumnParallelLinear(cfg.d_model, self.padded_vocab_size, seed=None)
+        )
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Norms at 1; matrices N(0, init_std²), residual outputs N(0, (init_std/√(2·n_layers))²);
+        vocabulary padding rows at 0."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            std = (
+                residual_init_std(self.cfg)
+                if name.endswith(RESIDUAL_OUTPUT_WEIGHTS)
+                else self.cfg.init_std
+            )
+            init_rows = (
+                self.cfg.vocab_size if name in ("embed_tokens.weight", "lm_head.weight") else None
+            )
+            init_weight_shard_(
+                param,
+                getattr(param, "partition_dim", None),
+                std=std,
+                seed=parameter_seed(seed, name),
+                init_rows=init_rows,
+            )
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """This rank's rows of the output head [V_pad/tp, D]."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, patch_size: int = 1
+    ) -> torch.Tensor:
+        """input_ids [B, K·L]; targets [B, K·L] (the window shifted by K) or None.
+
+        With targets: the scalar patch loss (mean over non-ignored targets). Without:
+        logits [B, L, vocab_size] of the distribution at each position (for K=1, the
+        ordinary next-token logits [B, T, vocab_size]), gathered over TP and unpadded.
+        """
+        self._check_inputs(input_ids, targets, patch_size)
+        B, T = input_ids.shape
+        K = patch_size
+        L = T // K
+
+        x = self.embed_tokens(input_ids.reshape(B, L, K))  # [B, L, D]
+        cos, sin = rotary_cos_sin(
+            torch.arange(L, device=x.device), self.cfg.head_dim, self.cfg.rope_theta
+        )
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)  # [B, L, D]
+
+        if targets is None:
+            return self._logits(x)
+        return self._loss(x.reshape(B * L, -1), targets.reshape(B * L, K))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tensor_model_parallel_region(x)
+        logits = x @ self.output_weight.t()  # [B, L, V_pad/tp]
+        logits = gather_from_tensor_model_parallel_region(logits)  # [B, L, V_pad]
+        return logits[..., : self.cfg.vocab_size]
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # hidden [N, D], targets [N, K]; the ops never build [N, V] logits (except the reference).
+        if self.tp_size == 1:
+            return patch_loss(
+                hidden,
+                self.output_weight,
+                targets,
+                ignore_index=IGNORE_INDEX,
+                vocab_size=self.cfg.vocab_size,
+                backend=self.cfg.ops_backend,
+            )
+        return vocab_parallel_patch_loss(
+            hidden,
+            self.output_weight,
+            targets,
+            vocab_start=self.embed_tokens.vocab_start_index,
+            vocab_size=self.cfg.vocab_size,
+            group=get_tensor_model_parallel_group(),
+            ignore_index=IGNORE_INDEX,
+            backend=self.cfg.ops_backend,
+        )
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None, patch_size: int
+    ) -> None:
+        """Every check before any work, each a one-line error naming the values."""
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ConfigError(f"patch_size={patch_size!r} must be a positive integer")
+        if (
+            input_ids.dim() != 2
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+        ):
+            raise ConfigError(
+                f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        B, T = input_ids.shape
+        if T % patch_size != 0:
+            raise ConfigError(
+                f"sequence length T={T} is not divisible by patch_size K={patch_size}"
+            )
+        if targets is not None and tuple(targets.shape) != (B, T):
+            raise ConfigError(
+                f"targets must have the shape of input_ids {(B, T)} (the window shifted by K={patch_size}), "
+                f"got {tuple(targets.shape)}"
+            )
+        V = self.cfg.vocab_size
+        _check_ids("input_ids", input_ids, V)
+        if targets is not None:
+            _check_ids("targets", targets[targets != IGNORE_INDEX], V)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters of the whole model (all TP shards, no vocabulary padding).
+
+        `non_embedding` leaves out the input embedding (and the tied or untied head), the
+        count scaling laws use.
+        """
+        c = self.cfg
+        per_layer = (
+            c.d_model * c.n_heads * c.head_dim * 2  # q_proj, o_proj
+            + c.d_model * c.kv_heads * c.head_dim * 2  # k_proj, v_proj
+            + 3 * c.d_model * c.ffn_hidden  # gate, up, down
+            + 2 * c.d_model  # two norms
+        )
+        total = c.n_layers * per_layer + c.d_model  # + final norm
+        if not non_embedding:
+            total += c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+        return total
+
+    def flops_per_token(self, patch_size: int = 1) -> float:
+        """Training FLOPs (forward + backward) per token of the input window.
+
+        Matmuls cost 2 FLOPs per multiply-add forward and twice that backward (6 per
+        parameter per position); attention scores and values add 12·n_layers·L·H·head_dim
+        per position, counted without the causal half (the PaLM / nanoGPT convention).
+        The transformer and the output head run once per position, and a position reads K
+        tokens, so the per-token cost is the per-position cost over K. The loss against
+        K targets costs no more than against one: (1/K)Σ z[y_k] = h·mean_k W[y_k].
+        """
+        c = self.cfg
+        matmul_params = self.num_parameters(non_embedding=True) - (2 * c.n_layers + 1) * c.d_model
+        # The output head, padded rows included (they are computed); the input side is a gather.
+        matmul_params += self.padded_vocab_size * c.d_model
+        attention = 12 * c.n_layers * c.seq_len * c.n_heads * c.head_dim
+        return (6 * matmul_params + attention) / patch_size
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    if ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))  # one reduction: one device sync
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise DataError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
