@@ -36,7 +36,9 @@ def _build():
     # An MLP-shaped chain: column output stays sharded and feeds the row layer directly.
     chain_in = ColumnParallelLinear(D_IN, D_OUT, seed=13)
     chain_out = RowParallelLinear(D_OUT, D_IN, seed=14)
-    embedding = VocabParallelEmbedding(VOCAB_PADDED, 4, seed=15, init_rows=VOCAB, backend="reference")
+    embedding = VocabParallelEmbedding(
+        VOCAB_PADDED, 4, seed=15, init_rows=VOCAB, backend="reference"
+    )
     return column, row, chain_in, chain_out, embedding
 
 
@@ -65,7 +67,8 @@ def _run_layers():
     y.backward(grad_emb)
     out["embedding"] = (y, embedding.weight, embedding.weight.grad)
     out["marks"] = [
-        (p.tensor_model_parallel, p.partition_dim) for p in (column.weight, row.weight, embedding.weight)
+        (p.tensor_model_parallel, p.partition_dim)
+        for p in (column.weight, row.weight, embedding.weight)
     ]
     return {k: [t.detach().numpy() for t in v] if k != "marks" else v for k, v in out.items()}
 
@@ -93,7 +96,9 @@ def _shard(full, rank, dim, tp=2):
 
 
 def _close(actual, expected):
-    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.as_tensor(actual), torch.as_tensor(expected), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.distributed
@@ -101,7 +106,9 @@ def test_init_shards_are_slices_of_the_tp1_weights(tp1, tp2):
     for rank, r in enumerate(tp2):
         assert torch.equal(torch.from_numpy(r["column"][2]), _shard(tp1["column"][2], rank, 0))
         assert torch.equal(torch.from_numpy(r["row"][2]), _shard(tp1["row"][2], rank, 1))
-        assert torch.equal(torch.from_numpy(r["embedding"][1]), _shard(tp1["embedding"][1], rank, 0))
+        assert torch.equal(
+            torch.from_numpy(r["embedding"][1]), _shard(tp1["embedding"][1], rank, 0)
+        )
 
 
 def test_vocabulary_padding_rows_start_at_zero(tp1):
@@ -149,7 +156,9 @@ def test_pad_vocab_size_rounds_up_to_divisor_times_tp():
 
 
 def test_parameter_seed_depends_on_seed_and_name_only():
-    assert parameter_seed(0, "layers.0.mlp.up_proj.weight") == parameter_seed(0, "layers.0.mlp.up_proj.weight")
+    assert parameter_seed(0, "layers.0.mlp.up_proj.weight") == parameter_seed(
+        0, "layers.0.mlp.up_proj.weight"
+    )
     assert parameter_seed(0, "a") != parameter_seed(0, "b")
     assert parameter_seed(0, "a") != parameter_seed(1, "a")
     assert 0 <= parameter_seed(123, "x") < 2**63
