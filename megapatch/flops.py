@@ -33,7 +33,6 @@ __all__ = [
     "PhaseFlops",
     "PlanFlops",
     "plan_flops",
-    "peak_flops_per_second",
 ]
 
 
@@ -144,25 +143,3 @@ def plan_flops(dims: ModelDims, plan) -> PlanFlops:
         simple = 1.0
     per_token = token_only / plan.total_tokens
     return PlanFlops(tuple(phases), total, token_only, simple, total / token_only, per_token)
-
-
-# Dense tensor-core peaks (FLOP/s) for bf16/fp16, and plain fp32; from vendor datasheets.
-_PEAKS = {
-    "H200": (989e12, 67e12),
-    "H100 PCIe": (756e12, 51e12),
-    "H100": (989e12, 67e12),  # SXM
-    "A100": (312e12, 19.5e12),
-    "A10": (125e12, 31.2e12),
-    "L40S": (362e12, 91.6e12),
-    "L40": (181e12, 90.5e12),
-    "L4": (121e12, 30.3e12),
-    "V100": (125e12, 15.7e12),  # fp16 only; no bf16 tensor cores
-}
-
-
-def peak_flops_per_second(device_name: str, precision: str) -> float | None:
-    """Peak FLOP/s of a GPU by (torch) device name, or None when unknown (e.g. CPU)."""
-    for name, (half, single) in _PEAKS.items():  # longer, more specific names come first
-        if name.lower() in device_name.lower():
-            return single if precision == "fp32" else half
-    return None

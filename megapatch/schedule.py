@@ -32,9 +32,10 @@ Rules, in one place:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from megapatch.errors import ConfigError
+from megapatch.flops import ModelDims, PlanFlops, plan_flops
 
 __all__ = ["PATCH", "TOKEN", "LRSchedule", "Phase", "StagePlan"]
 
@@ -87,6 +88,7 @@ class Phase:
     grad_accum: int
     dp_size: int
     lr_schedule: LRSchedule
+    flops_per_step: float | None = None  # model FLOPs, all ranks; None until dims are known
 
     @property
     def tokens_per_sequence(self) -> int:
@@ -145,6 +147,7 @@ class StagePlan:
         max_steps: int | None = None,
         source: str = "plan",
         provenance: dict | None = None,
+        model_dims: ModelDims | None = None,
     ):
         self.inputs = dict(
             seq_len=seq_len,
@@ -161,6 +164,7 @@ class StagePlan:
             rewarm=rewarm,
             reset_optimizer=reset_optimizer,
             max_steps=max_steps,
+            model_dims=model_dims,
         )
         self.source = source
         self._provenance = provenance or {}  # dotted key -> file or override that set it
@@ -229,6 +233,11 @@ class StagePlan:
             phases.append(phase(PATCH, patch_size, 0, patch_steps, patch_sequences, patch_micro))
         phases.append(phase(TOKEN, 1, patch_steps, token_steps, token_sequences, micro_batch_size))
         self.phases: tuple[Phase, ...] = tuple(phases)
+        self.flops: PlanFlops | None = None
+        if model_dims is not None:
+            self.flops = plan_flops(model_dims, self)
+            per_step = [ph.per_step for ph in self.flops.phases]
+            self.phases = tuple(replace(ph, flops_per_step=f) for ph, f in zip(phases, per_step))
 
     def _fail(self, key: str, value, expected: str) -> None:
         where = self._provenance.get(key, self.source)
@@ -254,9 +263,13 @@ class StagePlan:
             )
 
     @classmethod
-    def from_config(cls, cfg, dp_size: int = 1) -> StagePlan:
-        """The plan of a `RunConfig` for `dp_size` data-parallel ranks."""
+    def from_config(cls, cfg, dp_size: int = 1, vocab_size: int | None = None) -> StagePlan:
+        """The plan of a `RunConfig` for `dp_size` data-parallel ranks. FLOPs are counted
+        when the vocabulary is known: configured, or passed once resolved from the data."""
         t, p = cfg.train, cfg.patch
+        if vocab_size is None and cfg.model.vocab_size != "auto":
+            vocab_size = cfg.model.vocab_size
+        dims = ModelDims.from_config(cfg, vocab_size) if vocab_size else None
         return cls(
             seq_len=cfg.model.seq_len,
             patch_size=p.size,
@@ -274,6 +287,7 @@ class StagePlan:
             max_steps=t.max_steps,
             source=cfg.source,
             provenance=cfg.provenance,
+            model_dims=dims,
         )
 
     # ------------------------------------------------------------------ queries
@@ -310,6 +324,23 @@ class StagePlan:
     def lr(self, global_step: int) -> float:
         return self.phase_at(global_step).lr_schedule(global_step)
 
+    @property
+    def cost_ratio(self) -> float:
+        """Training FLOPs relative to token-only training on the same budget: the precise
+        figure when the model's dims are known, else lambda/K + 1 - lambda after rounding
+        lambda to whole steps (the same up to the negligible patch averaging)."""
+        if self.flops is not None:
+            return self.flops.precise_ratio
+        lam = self.effective_patch_fraction
+        return lam / self.patch_size + 1 - lam
+
+    def flops_so_far(self, steps_done: int) -> float | None:
+        """Model FLOPs of the first `steps_done` optimizer steps (None without dims)."""
+        if self.flops is None:
+            return None
+        done = [max(0, min(steps_done, ph.end_step) - ph.first_step) for ph in self.phases]
+        return sum(n * ph.flops_per_step for n, ph in zip(done, self.phases))
+
     def tokens_after(self, steps_done: int) -> int:
         """Tokens consumed once `steps_done` optimizer steps are complete."""
         return steps_done * self.tokens_per_step
@@ -320,16 +351,22 @@ class StagePlan:
         for ph in self.phases:
             derived = dict(window=ph.window, tokens_per_step=ph.tokens_per_step, tokens=ph.tokens)
             phases.append({**asdict(ph), **derived, "last_step": ph.last_step})
+        inputs = dict(self.inputs)
+        if inputs["model_dims"] is not None:
+            inputs["model_dims"] = asdict(inputs["model_dims"])
         return {
             "version": 1,
-            "inputs": dict(self.inputs),
+            "inputs": inputs,
             "total_steps": self.total_steps,
             "phases": phases,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> StagePlan:
-        return cls(**state["inputs"])
+        inputs = dict(state["inputs"])
+        if inputs.get("model_dims") is not None:
+            inputs["model_dims"] = ModelDims(**inputs["model_dims"])
+        return cls(**inputs)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, StagePlan) and self.inputs == other.inputs

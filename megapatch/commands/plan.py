@@ -13,11 +13,13 @@ from dataclasses import asdict
 
 from megapatch.config import RunConfig, load_config, validate_for_world
 from megapatch.errors import ConfigError
-from megapatch.flops import ModelDims, plan_flops
+from megapatch.flops import ModelDims
 from megapatch.schedule import StagePlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # argparse cannot take positionals after options: options go first or after the overrides.
+    parser.usage = "megapatch plan [options] CONFIG [key=value ...] [options]"
     parser.add_argument("config", help="a YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. patch.size=4"
@@ -48,18 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     tp = cfg.parallel.tensor_model_parallel_size
-    world = args.world_size
-    if world is None and args.dp is None and cfg.parallel.gpus_per_node:
-        world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
-    if world is not None:
-        plan = validate_for_world(cfg, world)
-    else:
-        if args.dp is not None and args.dp < 1:
-            raise ConfigError(f"--dp {args.dp}: expected at least 1")
-        plan = StagePlan.from_config(cfg, dp_size=args.dp or 1)
-
     vocab, vocab_note = _vocab_size(cfg, args.vocab_size)
-    flops = plan_flops(ModelDims.from_config(cfg, vocab), plan) if vocab else None
+    if args.dp is None and args.world_size is None and cfg.parallel.gpus_per_node:
+        # The cluster shape the config expects: the same checks training makes.
+        world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
+        plan = validate_for_world(cfg, world, vocab_size=vocab)
+    else:
+        dp = args.dp or 1
+        if args.world_size is not None:
+            if args.world_size < 1 or args.world_size % tp:
+                raise ConfigError(
+                    f"--world-size {args.world_size}: expected a multiple of "
+                    f"parallel.tensor_model_parallel_size={tp}"
+                )
+            dp = args.world_size // tp
+        if dp < 1:
+            raise ConfigError(f"--dp {args.dp}: expected at least 1")
+        plan = StagePlan.from_config(cfg, dp_size=dp, vocab_size=vocab)
+    flops = plan.flops
 
     if args.json:
         print(
@@ -144,7 +152,8 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
     if flops is None:
         lines.append("FLOPs   unknown until the vocabulary is known (see the model line)")
         lines.append(
-            f"cost    relative to token-only training: lambda/K + 1 - lambda = {_simple_ratio(plan):.4f}x"
+            f"cost    relative to token-only training: lambda/K + 1 - lambda = {plan.cost_ratio:.4f}x "
+            "(lambda rounded to whole steps)"
         )
         return "\n".join(lines)
     rows = [["phase", "FLOPs/token", "FLOPs/step", "FLOPs"]]
@@ -170,9 +179,3 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
         f"precise (attention, output layer, patch averaging, whole steps) = {flops.precise_ratio:.6f}x"
     )
     return "\n".join(lines)
-
-
-def _simple_ratio(plan: StagePlan) -> float:
-    if plan.patch_size == 1:
-        return 1.0
-    return plan.patch_fraction / plan.patch_size + 1 - plan.patch_fraction

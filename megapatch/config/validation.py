@@ -38,15 +38,15 @@ class Checker:
         raise ConfigError(f"{self.where(key)}: {key}={_fmt(value)}: expected {expected}")
 
     def unknown(self, key: str, candidates: list[str]) -> None:
-        hint = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        if not hint:  # a key in the wrong section: match on the last part
-            leaf = key.rsplit(".", 1)[-1]
-            hint = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:1]
-        suggestion = (
-            f"; did you mean {hint[0]!r}?"
-            if hint
-            else f"; known keys: {', '.join(sorted(candidates))}"
-        )
+        # The same name in another section first (model.warmup_steps -> train.warmup_steps),
+        # then the closest spelling.
+        leaf = key.rsplit(".", 1)[-1]
+        hint = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c != key][:1]
+        hint = hint or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if hint:
+            suggestion = f"; did you mean {hint[0]!r}?"
+        else:
+            suggestion = f"; known keys: {', '.join(sorted(candidates))}"
         raise ConfigError(f"{self.where(key)}: unknown key {key!r}{suggestion}")
 
 
@@ -152,11 +152,13 @@ def validate_for_world(
     *,
     local_world_size: int | None = None,
     local_devices: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Checks that need the launched job's shape; returns the StagePlan for DP = world/TP.
 
     `local_devices` is the number of accelerators on this node (None or 0 on CPU, where
-    any number of processes may share the machine).
+    any number of processes may share the machine); `vocab_size` (resolved from the data
+    when the config says "auto") lets the plan count FLOPs.
     """
     from megapatch.schedule import StagePlan
 
@@ -173,14 +175,14 @@ def validate_for_world(
         raise ConfigError(
             f"{check.where('parallel.gpus_per_node')}: parallel.nodes={cfg.parallel.nodes} x "
             f"parallel.gpus_per_node={cfg.parallel.gpus_per_node} = {expected} ranks expected, "
-            f"but the launcher started {world_size}"
+            f"but the launcher started {world_size}; set them to the allocation (or gpus_per_node: null)"
         )
     if local_devices and local_world_size and local_world_size > local_devices:
         raise ConfigError(
             f"{cfg.source}: {local_world_size} ranks on this node but only {local_devices} devices; "
             "start one rank per device"
         )
-    return StagePlan.from_config(cfg, dp_size=world_size // tp)
+    return StagePlan.from_config(cfg, dp_size=world_size // tp, vocab_size=vocab_size)
 
 
 def resolve_vocab_size(

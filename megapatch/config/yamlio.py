@@ -4,6 +4,7 @@ round-trips. Records which file or override set each key, for error messages."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,12 @@ def read_yaml(path: Path, label: str) -> dict:
     return data
 
 
-def merge(dst: dict, src: dict, provenance: dict, label: str, prefix: str = "") -> None:
-    """Deep-merge src into dst (mappings merge, anything else replaces) and record which
-    file set each section and section.key."""
+def merge(dst: dict, src: dict, provenance: dict | None, label: str, prefix: str = "") -> None:
+    """Deep-merge src into dst (mappings merge, anything else replaces) and record in
+    `provenance` which file set each section and section.key."""
     for key, value in src.items():
         dotted = f"{prefix}{key}"
-        if dotted.count(".") <= 1:
+        if provenance is not None and dotted.count(".") <= 1:
             provenance[dotted] = label
         if isinstance(value, dict):
             if not isinstance(dst.get(key), dict):
@@ -87,15 +88,11 @@ def read_with_bases(path: Path, provenance: dict, chain: tuple[Path, ...] = ()) 
         raise ConfigError(f"{label}: base={bases!r}: expected a file name or a list of file names")
     merged: dict = {}
     for base in bases:
-        base_path = path.parent / base
+        base_path = Path(os.path.normpath(path.parent / base))
         if not base_path.is_file():
             raise ConfigError(f"{label}: base={base!r}: file not found (looked for {base_path})")
-        merge(
-            merged,
-            read_with_bases(base_path, provenance, (*chain, resolved)),
-            provenance,
-            str(base_path),
-        )
+        # The base's own keys are recorded under its name while it is read.
+        merge(merged, read_with_bases(base_path, provenance, (*chain, resolved)), None, "")
     merge(merged, data, provenance, label)
     return merged
 
@@ -123,3 +120,4 @@ def apply_override(raw: dict, provenance: dict, item: str) -> None:
         node = node[part]
     node[parts[-1]] = value
     provenance[".".join(parts[:2])] = f"override {item!r}"
+    provenance.setdefault(parts[0], f"override {item!r}")  # a section only an override names
