@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megapatch.errors import ConfigError, DataError
+from megapatch.flops import ModelDims, training_flops_per_sequence
 from megapatch.model.config import GPTConfig
 from megapatch.model.transformer import (
     RESIDUAL_OUTPUT_WEIGHTS,
@@ -203,19 +204,23 @@ class GPT(nn.Module):
     def flops_per_token(self, patch_size: int = 1) -> float:
         """Training FLOPs (forward + backward) per token of the input window.
 
-        Matmuls cost 2 FLOPs per multiply-add forward and twice that backward (6 per
-        parameter per position); attention scores and values add 12·n_layers·L·H·head_dim
-        per position, counted without the causal half (the PaLM / nanoGPT convention).
-        The transformer and the output head run once per position, and a position reads K
-        tokens, so the per-token cost is the per-position cost over K. The loss against
-        K targets costs no more than against one: (1/K)Σ z[y_k] = h·mean_k W[y_k].
+        The count is megapatch.flops' (matmuls at 2 FLOPs per multiply-add, backward twice
+        forward, attention over the full L x L square, the padded output head): the
+        transformer and the head run once per position and a position reads K tokens, so
+        the per-token cost shrinks by K, plus the K-embedding average.
         """
         c = self.cfg
-        matmul_params = self.num_parameters(non_embedding=True) - (2 * c.n_layers + 1) * c.d_model
-        # The output head, padded rows included (they are computed); the input side is a gather.
-        matmul_params += self.padded_vocab_size * c.d_model
-        attention = 12 * c.n_layers * c.seq_len * c.n_heads * c.head_dim
-        return (6 * matmul_params + attention) / patch_size
+        dims = ModelDims(
+            vocab_size=self.padded_vocab_size,
+            d_model=c.d_model,
+            n_layers=c.n_layers,
+            n_heads=c.n_heads,
+            n_kv_heads=c.kv_heads,
+            ffn_hidden=c.ffn_hidden,
+            seq_len=c.seq_len,
+            tie_embeddings=c.tie_embeddings,
+        )
+        return training_flops_per_sequence(dims, patch_size) / (patch_size * c.seq_len)
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
