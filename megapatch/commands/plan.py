@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
         plan = validate_for_world(cfg, world, vocab_size=vocab)
     else:
-        dp = args.dp or 1
+        dp = 1 if args.dp is None else args.dp
         if args.world_size is not None:
             if args.world_size < 1 or args.world_size % tp:
                 raise ConfigError(

@@ -56,6 +56,8 @@ def test_dp_and_world_size_options(capsys):
         capsys, config, "parallel.tensor_model_parallel_size=2", "--world-size", "15"
     )
     assert code == 2 and "--world-size 15: expected a multiple of" in err
+    code, _, err = plan(capsys, config, "--dp", "0")
+    assert code == 2 and "--dp 0: expected at least 1" in err
 
 
 def test_vocab_auto_from_the_manifest_or_the_flag(capsys, tmp_path):
