@@ -23,7 +23,7 @@ from megapatch.config import RunConfig, load_config, resolve_vocab_size, validat
 from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed
 from megapatch.errors import CheckpointError, ConfigError, MegapatchError
 from megapatch.evaluate import perplexity, windowed_loss
-from megapatch.flops import ModelDims, peak_flops_per_second, plan_flops
+from megapatch.flops import peak_flops_per_second
 from megapatch.logging_utils import get_logger
 from megapatch.metrics import MetricsWriter, Throughput
 from megapatch.optimizer import (
@@ -99,9 +99,16 @@ class Trainer:
 
         self.cfg, self.env = cfg, env
         tp = cfg.parallel.tensor_model_parallel_size
+        # Data first: the vocabulary ("auto") comes from the manifest and the plan counts FLOPs with it.
+        self.corpus = open_corpus(cfg.train_data, split="train")
+        self.vocab_size = resolve_vocab_size(cfg, self.corpus.vocab_size)
         local_devices = torch.cuda.device_count() if torch.cuda.is_available() else None
         self.plan = validate_for_world(
-            cfg, env.world_size, local_world_size=env.local_world_size, local_devices=local_devices
+            cfg,
+            env.world_size,
+            local_world_size=env.local_world_size,
+            local_devices=local_devices,
+            vocab_size=self.vocab_size,
         )
         parallel.initialize_model_parallel(tp)
         self.dp_rank = parallel.get_data_parallel_rank()
@@ -109,22 +116,19 @@ class Trainer:
         self.is_rank0 = env.rank == 0
 
         self.run_dir = Path(cfg.run.dir)
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep_last or 0)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last or 0)
         _check_run_dir(cfg, self.run_dir, self.ckpt)
 
-        # Data: one seeded stream per phase over disjoint tokens.
-        self.corpus = open_corpus(cfg.train_data, split="train")
-        self.vocab_size = resolve_vocab_size(cfg, self.corpus.vocab_size)
+        # One seeded stream per phase over disjoint tokens.
         patch_tokens = sum(p.tokens for p in self.plan.phases if p.name == "patch")
         total = sum(p.tokens for p in self.plan.phases)
-        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.run.seed
         self.streams = build_phase_streams(
             self.corpus,
             total_tokens=total,
             patch_fraction=patch_tokens / total,
             patch_size=cfg.patch.size,
             seq_len=cfg.model.seq_len,
-            seed=data_seed,
+            seed=cfg.data.seed,
         )
         valid = open_corpus(cfg.valid_data, split="valid")
         self.valid_windows = {
@@ -190,8 +194,6 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.metrics: MetricsWriter | None = None
         self.samplers: dict[str, Any] = {}
-        self.flops = plan_flops(ModelDims.from_config(cfg, self.vocab_size), self.plan)
-        self.phase_flops = {ph.name: ph.per_step for ph in self.flops.phases}
         self.peak = (
             peak_flops_per_second(torch.cuda.get_device_name(env.device), cfg.train.precision)
             if env.device.type == "cuda"
@@ -446,20 +448,13 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "step_time_s": dt,
-            "flops": self._flops_done(),
+            "flops": self.plan.flops_so_far(self.progress.global_step),
             "wall_time_s": sum(p.wall_time.values()),
             "nonfinite_total": p.nonfinite_total,
         }
         if self.peak:
-            record["mfu"] = self.phase_flops[phase.name] / dt / (self.peak * self.env.world_size)
+            record["mfu"] = phase.flops_per_step / dt / (self.peak * self.env.world_size)
         return record
-
-    def _flops_done(self) -> int:
-        """Training FLOPs spent so far, from the explicit per-phase count."""
-        steps = {ph.name: 0 for ph in self.plan.phases}
-        for ph in self.plan.phases:
-            steps[ph.name] = self.progress.tokens[ph.name] // ph.tokens_per_step
-        return sum(self.phase_flops[name] * n for name, n in steps.items())
 
     def summary(self, status: str) -> dict[str, Any]:
         p = self.progress
@@ -473,9 +468,8 @@ class Trainer:
             "wall_time_s": dict(p.wall_time),
             "tokens_per_s": tokens_per_s,
             "nonfinite_steps": p.nonfinite_total,
-            "planned_cost_ratio": self.flops.precise_ratio,
-            "planned_cost_ratio_simple": self.flops.simple_ratio,
-            "flops": self._flops_done(),
+            "planned_cost_ratio": self.plan.cost_ratio,
+            "flops": self.plan.flops_so_far(self.progress.global_step),
         }
         final = getattr(self, "final_eval", None)
         if final:
