@@ -1,0 +1,117 @@
+"""Worker side of the prep: decode, parse and tokenize one chunk.
+
+The same functions run in worker processes (`--workers N`) or in the main process
+(`--workers 1`); the results depend only on the chunk, so the output is the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_prep.sources import LONE_SURROGATE, Chunk, InputFile
+from megapatch.data.tokenizer import Tokenizer
+
+
+@dataclass
+class EncodeOptions:
+    text_key: str = "text"
+    strict: bool = False  # fail on a bad JSON line instead of skipping it
+    utf8_errors: str = "error"  # or "replace": undecodable bytes become U+FFFD
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    tokens: np.ndarray  # every kept unit's tokens, in order; EOS after each document's last
+    pieces: list[tuple[int, bool]] = field(default_factory=list)  # (tokens, ends a document)
+    skipped: dict[str, int] = field(default_factory=dict)
+    nbytes: int = 0
+    error: str | None = None  # the first fatal problem in this chunk (in input order)
+
+
+_state: dict = {}
+
+
+def init_worker(tokenizer: Tokenizer, files: list[InputFile], options: EncodeOptions) -> None:
+    _state.update(tokenizer=tokenizer, files=files, options=options)
+
+
+def encode_chunk(chunk: Chunk) -> ChunkResult:
+    tokenizer: Tokenizer = _state["tokenizer"]
+    files: list[InputFile] = _state["files"]
+    options: EncodeOptions = _state["options"]
+    eos = np.array([tokenizer.eos_id], dtype=tokenizer.dtype)
+    result = ChunkResult(chunk.index, np.empty(0, tokenizer.dtype), nbytes=chunk.nbytes)
+    parts: list[np.ndarray] = []
+
+    def skip(reason: str) -> None:
+        result.skipped[reason] = result.skipped.get(reason, 0) + 1
+
+    for unit in chunk.units:
+        f = files[unit.file]
+        jsonl = f.kind == "jsonl"
+        if jsonl and not unit.data.strip():
+            continue  # blank line
+        where = f"{f.label}:{unit.where}" if jsonl else f.label
+        text, error = _decode(unit.data, where, 0 if jsonl else unit.where, options)
+        if error:
+            result.error = error
+            break
+        if jsonl:
+            text, reason, detail = _json_text(text, options.text_key)
+            if reason and options.strict:
+                result.error = f"{where}: {reason}: {detail} (drop --strict to skip such lines)"
+                break
+            if reason:
+                skip(reason)
+                continue
+        if jsonl and LONE_SURROGATE.search(text):  # only JSON escapes can produce these
+            if options.utf8_errors == "error":
+                result.error = (
+                    f"{where}: text holds a lone UTF-16 surrogate (invalid Unicode); pass "
+                    "--utf8-errors replace to substitute U+FFFD"
+                )
+                break
+            text = LONE_SURROGATE.sub("\ufffd", text)
+        whole_document = jsonl or unit.where == 0
+        if not text and unit.doc_end and whole_document:
+            skip("empty document")
+            continue
+        tokens = tokenizer.encode(text)
+        parts.append(tokens)
+        if unit.doc_end:
+            parts.append(eos)
+        result.pieces.append((len(tokens) + unit.doc_end, unit.doc_end))
+    if parts:
+        result.tokens = np.concatenate(parts)
+    return result
+
+
+def _decode(data: bytes, where: str, offset: int, options: EncodeOptions) -> tuple[str, str | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        if options.utf8_errors == "replace":
+            return data.decode("utf-8", errors="replace"), None
+        return "", (
+            f"{where}: invalid UTF-8 at byte {offset + exc.start}; pass --utf8-errors replace "
+            "to substitute U+FFFD"
+        )
+
+
+def _json_text(line: str, key: str) -> tuple[str, str | None, str]:
+    """(text, None, ""), or ("", reason, detail) with reason "bad JSON" or "missing text"."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        return "", "bad JSON", str(exc)
+    if not isinstance(obj, dict):
+        return "", "bad JSON", f"a {type(obj).__name__}, expected an object"
+    text = obj.get(key)
+    if not isinstance(text, str):
+        found = "no such key" if key not in obj else f"a {type(text).__name__}, not a string"
+        return "", "missing text", f"field {key!r}: {found}; --text-key names the text field"
+    return text, None, ""

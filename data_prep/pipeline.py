@@ -1,0 +1,421 @@
+"""`prepare(config)`: corpus → tokenizer → train/valid shards → manifest, atomically.
+
+Everything is written into a hidden staging directory inside the output directory and
+moved into place at the end, the manifest last; a failed prep removes its staging
+directory, so the output holds either the previous prep or the complete new one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import megapatch
+from data_prep.encode import ChunkResult, EncodeOptions, encode_chunk, init_worker
+from data_prep.sample import fetch_sample, get_sample
+from data_prep.sources import InputFile, read_chunks, resolve_inputs, sample_documents
+from data_prep.train_tokenizer import train_tokenizer
+from megapatch.data.corpus import Corpus
+from megapatch.data.indexed import IndexedDatasetWriter
+from megapatch.data.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    prep_files,
+    read_manifest,
+    write_manifest,
+)
+from megapatch.data.tokenizer import Tokenizer
+from megapatch.errors import ConfigError, DataError, MegapatchError
+from megapatch.logging_utils import get_logger
+
+log = get_logger("prep")
+
+TOKENIZER_NAME = "tokenizer.model"
+DEFAULT_VALID_FRACTION = 0.01
+
+
+@dataclass
+class PrepConfig:
+    out: str
+    inputs: list[str] = field(default_factory=list)
+    sample: str | None = None  # a built-in corpus instead of inputs
+    vocab_size: int | None = None  # train a tokenizer of this size ...
+    tokenizer: str | None = None  # ... or use this sentencepiece model
+    text_key: str = "text"
+    valid_fraction: float | None = None  # None: the sample's choice, else 0.01
+    shard_tokens: int = 1 << 30
+    tokenizer_sample_mb: float = 64.0
+    utf8_errors: str = "error"
+    strict: bool = False
+    workers: int = 1
+    overwrite: bool = False
+    skip_existing: bool = False
+    progress: bool = True
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass
+class PrepResult:
+    out: Path
+    skipped_existing: bool = False
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    num_documents: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    input_bytes: int = 0
+    seconds: float = 0.0
+
+
+def prepare(config: PrepConfig) -> PrepResult:
+    """Run a prep; see the module docstring for the guarantees on failure."""
+    config = _resolve_defaults(config)
+    out = Path(config.out)
+    files = None if config.sample else resolve_inputs(config.inputs)
+    identity = _identity(config, files)
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output path {out} exists and is not a directory")
+    existing = prep_files(out)
+    if existing:
+        state = _existing_prep_state(out, identity)
+        if config.skip_existing and state == "same":
+            manifest = read_manifest(out)
+            return PrepResult(
+                out,
+                skipped_existing=True,
+                num_tokens={k: v["num_tokens"] for k, v in manifest["splits"].items()},
+                num_documents={k: v["num_documents"] for k, v in manifest["splits"].items()},
+            )
+        if not config.overwrite:
+            held = {
+                "same": "this prep (--skip-existing keeps it)",
+                "different": "a prep made with other arguments",
+                "incomplete": "an incomplete or damaged prep",
+            }[state]
+            raise DataError(
+                f"{out} already holds {held}: {len(existing)} files such as "
+                f"{existing[0].name}; pass --overwrite to replace it"
+            )
+    if config.sample:
+        files = _sample_files(config.sample)
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=out))
+    try:
+        result = _prepare_into(staging, config, files, identity)
+        _commit(staging, out, replace=existing)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    result.out = out
+    return result
+
+
+def _resolve_defaults(config: PrepConfig) -> PrepConfig:
+    c = PrepConfig(**asdict(config))
+    if c.sample:
+        sample = get_sample(c.sample)
+        if c.inputs:
+            raise ConfigError("pass input paths or --sample, not both")
+        if c.vocab_size is None and c.tokenizer is None:
+            c.vocab_size = sample.vocab_size
+        if c.valid_fraction is None:
+            c.valid_fraction = sample.valid_fraction
+    elif not c.inputs:
+        raise ConfigError("no inputs: pass files, directories or globs, or --sample NAME")
+    if c.valid_fraction is None:
+        c.valid_fraction = DEFAULT_VALID_FRACTION
+    if (c.vocab_size is None) == (c.tokenizer is None):
+        raise ConfigError(
+            "pass --vocab-size N to train a tokenizer or --tokenizer PATH to use one (not both)"
+        )
+    if not (0.0 <= c.valid_fraction < 1.0) or math.isnan(c.valid_fraction):
+        raise ConfigError(f"--valid-fraction must be in [0, 1), got {c.valid_fraction}")
+    if c.vocab_size is not None and c.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be positive, got {c.vocab_size}")
+    if c.workers < 1:
+        raise ConfigError(f"--workers must be ≥ 1, got {c.workers}")
+    if c.shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens must be ≥ 1, got {c.shard_tokens}")
+    if c.tokenizer_sample_mb <= 0:
+        raise ConfigError(f"--tokenizer-sample-mb must be positive, got {c.tokenizer_sample_mb}")
+    if c.utf8_errors not in ("error", "replace"):
+        raise ConfigError(f"--utf8-errors must be error or replace, got {c.utf8_errors!r}")
+    return c
+
+
+def _identity(config: PrepConfig, files: list[InputFile] | None) -> dict:
+    """The prep arguments that decide the output (recorded in the manifest)."""
+    tokenizer = None
+    if config.tokenizer:
+        tokenizer = {"sha256": Tokenizer.from_file(config.tokenizer).sha256}
+    return {
+        "sample": get_sample(config.sample).requirement if config.sample else None,
+        "inputs": [{"path": f.label, "bytes": f.size} for f in files] if files else None,
+        "vocab_size": config.vocab_size,
+        "tokenizer": tokenizer,
+        "text_key": config.text_key,
+        "valid_fraction": config.valid_fraction,
+        "shard_tokens": config.shard_tokens,
+        "tokenizer_sample_mb": config.tokenizer_sample_mb,
+        "utf8_errors": config.utf8_errors,
+        "strict": config.strict,
+    }
+
+
+def _existing_prep_state(out: Path, identity: dict) -> str:
+    """ "same": a complete prep with these arguments, "different": with others, or "incomplete"."""
+    try:
+        manifest = read_manifest(out)
+        for split, info in manifest["splits"].items():
+            if info["shards"]:
+                Corpus(out, split)  # checks every shard's sizes and the tokenizer hash
+    except MegapatchError:
+        return "incomplete"
+    return "same" if manifest.get("prep_args") == identity else "different"
+
+
+def _sample_files(name: str) -> list[InputFile]:
+    sample = get_sample(name)
+    return [
+        InputFile(p, "text", p.stat().st_size, f"{sample.requirement}:{p.name}")
+        for p in fetch_sample(name)
+    ]
+
+
+def _prepare_into(
+    staging: Path, config: PrepConfig, files: list[InputFile], identity: dict
+) -> PrepResult:
+    started = time.perf_counter()
+    tokenizer = _get_tokenizer(config, files)
+    (staging / TOKENIZER_NAME).write_bytes(tokenizer.model_proto)
+    if tokenizer.eos_id < 0:
+        raise DataError(f"{config.tokenizer}: the tokenizer defines no EOS piece to end documents")
+
+    shards, skipped, num_docs, input_bytes = _tokenize(staging, config, files, tokenizer)
+    if num_docs == 0:
+        detail = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "all inputs are empty"
+        raise DataError(f"no documents in the {len(files)} input files ({detail})")
+    if skipped:
+        log.warning("skipped %s", ", ".join(f"{v} lines: {k}" for k, v in sorted(skipped.items())))
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": tokenizer.dtype.name,
+        "tokenizer": {
+            "file": TOKENIZER_NAME,
+            "sha256": tokenizer.sha256,
+            "trained": config.tokenizer is None,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+            "unk_id": tokenizer.unk_id,
+        },
+        "splits": {
+            s: {
+                "num_tokens": sum(x["num_tokens"] for x in shards[s]),
+                "num_documents": sum(x["num_documents"] for x in shards[s]),
+                "shards": shards[s],
+            }
+            for s in ("train", "valid")
+        },
+        "sources": [{"path": f.label, "bytes": f.size} for f in files],
+        "skipped": dict(sorted(skipped.items())),
+        "prep_args": identity,
+        "megapatch_version": megapatch.__version__,
+    }
+    write_manifest(staging, manifest)
+    return PrepResult(
+        staging,
+        num_tokens={s: manifest["splits"][s]["num_tokens"] for s in shards},
+        num_documents={s: manifest["splits"][s]["num_documents"] for s in shards},
+        skipped=dict(skipped),
+        input_bytes=input_bytes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _tokenize(
+    staging: Path, config: PrepConfig, files: list[InputFile], tokenizer: Tokenizer
+) -> tuple[dict[str, list[dict]], dict[str, int], int, int]:
+    """Tokenize every input into the split writers: (shards, skipped, documents, bytes)."""
+    writers = {
+        s: _SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens)
+        for s in ("train", "valid")
+    }
+    options = EncodeOptions(config.text_key, config.strict, config.utf8_errors)
+    skipped: dict[str, int] = {}
+    doc_index = 0  # documents started so far
+    writer = writers["train"]
+    tokens_done, input_bytes, started = 0, 0, time.perf_counter()
+    total = sum(f.size for f in files)
+    bar = tqdm(
+        total=None if any(f.compressed for f in files) else total, unit="B", unit_scale=True,
+        desc="tokenizing", file=sys.stderr, disable=not config.progress, dynamic_ncols=True,
+    )  # fmt: skip
+    chunks = read_chunks(files, config.chunk_bytes)
+    try:
+        with (
+            bar,
+            closing(_encode_all(chunks, tokenizer, files, options, config.workers)) as results,
+        ):
+            for result in results:
+                if result.error:
+                    raise DataError(result.error)
+                offset = 0
+                for n, doc_end in result.pieces:
+                    if not writer.in_document:  # a new document: route it to its split
+                        valid = _is_valid(doc_index, config.valid_fraction)
+                        writer = writers["valid" if valid else "train"]
+                        doc_index += 1
+                    writer.add_tokens(result.tokens[offset : offset + n])
+                    offset += n
+                    if doc_end:
+                        writer.end_document()
+                for reason, count in result.skipped.items():
+                    skipped[reason] = skipped.get(reason, 0) + count
+                tokens_done += len(result.tokens)
+                input_bytes += result.nbytes
+                rate = tokens_done / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
+                bar.update(result.nbytes)
+        shards = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return shards, skipped, doc_index, input_bytes
+
+
+def _get_tokenizer(config: PrepConfig, files: list[InputFile]) -> Tokenizer:
+    if config.tokenizer:
+        tokenizer = Tokenizer.from_file(config.tokenizer)
+        if not tokenizer.words_are_independent:
+            log.info(
+                "%s: pieces may span words; encoding whole documents (slower)", config.tokenizer
+            )
+        return tokenizer
+    budget = int(config.tokenizer_sample_mb * 1e6)
+    log.info(
+        "training a %d-piece BPE tokenizer on up to %.0f MB sampled from %d files",
+        config.vocab_size,
+        budget / 1e6,
+        len(files),
+    )
+    docs = sample_documents(files, config.text_key, budget)
+    tokenizer = Tokenizer(train_tokenizer(docs, config.vocab_size), source=TOKENIZER_NAME)
+    if not tokenizer.words_are_independent:  # not expected; only slower
+        log.warning("the trained tokenizer has pieces spanning words; encoding will be slower")
+    return tokenizer
+
+
+def _is_valid(doc_index: int, fraction: float) -> bool:
+    """Held-out documents, evenly spaced: the first n hold round(n · fraction) of them."""
+    return math.floor((doc_index + 1) * fraction + 0.5) > math.floor(doc_index * fraction + 0.5)
+
+
+def _encode_all(
+    chunks: Iterable,
+    tokenizer: Tokenizer,
+    files: list[InputFile],
+    options: EncodeOptions,
+    workers: int,
+) -> Iterator[ChunkResult]:
+    """Chunk results in input order; at most 2 chunks per worker in flight."""
+    if workers == 1:
+        init_worker(tokenizer, files, options)
+        yield from map(encode_chunk, chunks)
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),
+        initializer=init_worker,
+        initargs=(tokenizer, files, options),
+    )
+    pending: deque = deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(encode_chunk, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _SplitWriter:
+    """The shards of one split: a new shard starts at a document boundary once the current
+    one holds `shard_tokens` tokens. No shard is made for a split without documents."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self.current: IndexedDatasetWriter | None = None
+        self.in_document = False
+
+    def add_tokens(self, tokens: np.ndarray) -> None:
+        if self.current is None:
+            name = f"{self.split}-{len(self.shards):05d}"
+            self.current = IndexedDatasetWriter(self.directory / name, self.dtype)
+            self.shards.append({"name": name})
+        self.current.add_tokens(tokens)
+        self.in_document = True
+
+    def end_document(self) -> None:
+        self.current.end_document()
+        self.in_document = False
+        if self.current.num_tokens >= self.shard_tokens:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self.current.close()
+        self.shards[-1].update(
+            num_tokens=self.current.num_tokens, num_documents=self.current.num_documents
+        )
+        self.current = None
+
+    def close(self) -> list[dict]:
+        if self.current is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+            self.current = None
+
+
+def _commit(staging: Path, out: Path, replace: list[Path]) -> None:
+    """Move the staged prep into `out`, replacing the files of an older prep; the
+    manifest goes first out and last in, so a prep without it is never taken as complete."""
+    old_manifest = out / MANIFEST_NAME
+    if old_manifest in replace:
+        old_manifest.unlink()
+    for path in replace:
+        if path != old_manifest and path.exists():
+            path.unlink()
+    names = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_NAME)
+    for name in [*names, MANIFEST_NAME]:
+        os.replace(staging / name, out / name)
+    staging.rmdir()
