@@ -13,6 +13,7 @@ after `timeout` seconds instead of hanging CI.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -45,7 +46,9 @@ def _worker(fn, rank, world_size, port, args, env, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle copies tensor data inline; the queue's own pickler would hand over
+        # shared memory that vanishes when this process exits.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -82,7 +85,7 @@ def run_distributed(
                     f"distributed test timed out after {timeout}s; ranks with a bad exit: {dead}"
                 ) from None
             if ok:
-                outputs[rank] = value
+                outputs[rank] = pickle.loads(value)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break

@@ -26,3 +26,13 @@ def test_run_distributed_returns_results_by_rank():
 def test_run_distributed_reports_the_failing_rank():
     with pytest.raises(AssertionError, match="boom on rank one"):
         run_distributed(_fail_on_rank_one, 2, timeout=60)
+
+
+def _return_tensor(rank, world_size):
+    return {"t": torch.full((3,), float(rank))}
+
+
+@pytest.mark.distributed
+def test_run_distributed_returns_tensors():
+    out = run_distributed(_return_tensor, 2)
+    assert torch.equal(out[1]["t"], torch.ones(3))
