@@ -321,7 +321,11 @@ def _get_tokenizer(config: PrepConfig, files: list[InputFile]) -> Tokenizer:
         budget / 1e6,
         len(files),
     )
-    docs = sample_documents(files, config.text_key, budget)
+    docs = [d for d in sample_documents(files, config.text_key, budget) if d]
+    if not docs:
+        raise DataError(
+            f"no text to train the tokenizer on: the {len(files)} input files hold no documents"
+        )
     tokenizer = Tokenizer(train_tokenizer(docs, config.vocab_size), source=TOKENIZER_NAME)
     if not tokenizer.words_are_independent:  # not expected; only slower
         log.warning("the trained tokenizer has pieces spanning words; encoding will be slower")

@@ -126,7 +126,9 @@ class PrefetchLoader:
         self._expected = None
 
     def __del__(self):
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent if __init__ raised
+        if stop is not None:
+            stop.set()
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:

@@ -1,0 +1,62 @@
+"""Float64 ground truth and input builders shared by the ops tests."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+IGNORE = -100
+
+
+def loss_truth(hidden, weight, targets, vocab_size=None, ignore_index=IGNORE):
+    """Loss and (grad_hidden, grad_weight) in float64, written independently of the ops."""
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    real = (h @ w[:vocab_size].t()).logsumexp(dim=1)  # padding rows excluded outright
+    z = h @ w.t()
+    kept = targets != ignore_index
+    picked = z.gather(1, torch.where(kept, targets, 0))  # [N, K]
+    per_target = (real[:, None] - picked) * kept
+    loss = per_target.sum() / kept.sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def embedding_truth(ids, weight, grad_out):
+    w = weight.detach().double().requires_grad_()
+    out = w[ids].mean(dim=-2)  # [..., D]
+    out.backward(grad_out.double())
+    return out.detach(), w.grad
+
+
+def loss_inputs(n, v, d, k, *, vocab_size=None, ignored=0.2, seed=0):
+    """Random hidden/weight/targets with duplicate ids inside patches and ignored targets."""
+    g = torch.Generator().manual_seed(seed)
+    vocab_size = v if vocab_size is None else vocab_size
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * 0.5
+    targets = torch.randint(0, vocab_size, (n, k), generator=g)
+    if k > 1:
+        targets[::3, 1] = targets[::3, 0]  # duplicate ids inside a patch
+    targets[torch.rand(n, k, generator=g) < ignored] = IGNORE
+    return hidden, weight, targets
+
+
+def rel_err(a, b) -> float:
+    """Max abs error relative to the largest magnitude of the truth."""
+    b = b.double()
+    return float((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def interpreted_triton():
+    """Run triton kernels on the CPU interpreter; triton reads the flag when kernels are defined."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from megapatch.ops import triton_kernels
+
+    if not isinstance(triton_kernels.gather_sum_kernel, InterpretedFunction):
+        importlib.reload(triton_kernels)  # imported earlier without the interpreter
