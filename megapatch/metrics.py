@@ -10,12 +10,45 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from megapatch.logging_utils import get_logger
 
 log = get_logger("metrics")
+
+# Dense peak FLOP/s by device name: (bf16/fp16 tensor cores, fp32), from vendor datasheets.
+# Longer, more specific names first ("H100 PCIe" before "H100").
+_PEAKS: dict[str, tuple[float, float]] = {
+    "GH200": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),  # SXM
+    "H800": (989e12, 67e12),
+    "B200": (2250e12, 80e12),
+    "A100": (312e12, 19.5e12),
+    "A800": (312e12, 19.5e12),
+    "A10G": (125e12, 31.2e12),
+    "A10": (125e12, 31.2e12),
+    "L40S": (362e12, 91.6e12),
+    "L40": (181e12, 90.5e12),
+    "L4": (121e12, 30.3e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),  # fp16 only; no bf16 tensor cores
+    "MI300X": (1307e12, 163e12),
+}
+
+
+def peak_flops_per_second(device_name: str | None, precision: str) -> float | None:
+    """Peak FLOP/s of one accelerator for `precision`; None on CPU or an unknown device."""
+    if not device_name:
+        return None
+    for name, (half, single) in _PEAKS.items():
+        if name.lower() in device_name.lower():
+            return single if precision == "fp32" else half
+    return None
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -60,7 +93,7 @@ class MetricsWriter:
             log.warning("wandb is not installed; logging to metrics.jsonl only")
             return None
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=cfg.get("project", "megapatch"),

@@ -23,9 +23,8 @@ from megapatch.config import RunConfig, load_config, resolve_vocab_size, validat
 from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed
 from megapatch.errors import CheckpointError, ConfigError, MegapatchError
 from megapatch.evaluate import perplexity, windowed_loss
-from megapatch.flops import peak_flops_per_second
 from megapatch.logging_utils import get_logger
-from megapatch.metrics import MetricsWriter, Throughput
+from megapatch.metrics import MetricsWriter, Throughput, peak_flops_per_second
 from megapatch.optimizer import (
     deepspeed_config,
     param_groups,
