@@ -8,7 +8,9 @@ patch → token switch (new batch shape and window, optimizer reset, K=1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +203,19 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def _client_state(self) -> dict[str, Any]:
-        return {"megapatch": {"progress": self.progress.state_dict(), "config_hash": self.cfg.config_hash()}}
+        """What a checkpoint needs beyond weights: where the run is, and what model it holds
+        (so eval/export can rebuild it without the original config or data)."""
+        return {
+            "megapatch": {
+                "progress": self.progress.state_dict(),
+                "config_hash": self.cfg.config_hash(),
+                "config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(self.model_config),
+                "tensor_model_parallel_size": self.cfg.parallel.tensor_model_parallel_size,
+                "zero_stage": self.cfg.parallel.zero_stage,
+                "data_parallel_size": self.dp_size,
+            }
+        }
 
     def save(self, reason: str) -> None:
         path = self.ckpt.save(self.engine, self.progress.global_step, self._client_state(), rank_state={})
@@ -326,6 +340,8 @@ class Trainer:
         if self.is_rank0:
             cfg.save_resolved(self.run_dir)
             (self.run_dir / "plan.txt").write_text(self.plan.table() + "\n")
+            # The run directory is self-contained: eval/export/generate find the tokenizer here.
+            shutil.copyfile(self.corpus.tokenizer_path, self.run_dir / "tokenizer.model")
         self.metrics = MetricsWriter(
             self.run_dir,
             enabled=self.is_rank0,
@@ -374,6 +390,7 @@ class Trainer:
             throughput = Throughput()
             while p.step_in_phase < phase.steps:
                 if max_steps is not None and p.global_step >= max_steps:
+                    self.save("max_steps")
                     return "max_steps"
                 t0 = time.perf_counter()
                 loss, bad, grad_norm = self.train_step(phase, batches)
