@@ -8,6 +8,7 @@ directory, so the output holds either the previous prep or the complete new one.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -15,10 +16,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +64,7 @@ class PrepConfig:
     overwrite: bool = False
     skip_existing: bool = False
     progress: bool = True
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = 1 << 18
 
 
 @dataclass
@@ -267,18 +265,14 @@ def _tokenize(
     doc_index = 0  # documents started so far
     writer = writers["train"]
     tokens_done, input_bytes, started = 0, 0, time.perf_counter()
-    total = sum(f.size for f in files)
-    bar = tqdm(
-        total=None if any(f.compressed for f in files) else total, unit="B", unit_scale=True,
-        desc="tokenizing", file=sys.stderr, disable=not config.progress, dynamic_ncols=True,
-    )  # fmt: skip
+    total = None if any(f.compressed for f in files) else sum(f.size for f in files)
     chunks = read_chunks(files, config.chunk_bytes)
     try:
-        with (
-            bar,
-            closing(_encode_all(chunks, tokenizer, files, options, config.workers)) as results,
-        ):
-            for result in results:
+        with _Encoder(config.workers, tokenizer, files, options) as encoder, tqdm(
+            total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+            disable=not config.progress, dynamic_ncols=True,
+        ) as bar:  # fmt: skip
+            for result in encoder.map(chunks):
                 if result.error:
                     raise DataError(result.error)
                 offset = 0
@@ -337,34 +331,44 @@ def _is_valid(doc_index: int, fraction: float) -> bool:
     return math.floor((doc_index + 1) * fraction + 0.5) > math.floor(doc_index * fraction + 0.5)
 
 
-def _encode_all(
-    chunks: Iterable,
-    tokenizer: Tokenizer,
-    files: list[InputFile],
-    options: EncodeOptions,
-    workers: int,
-) -> Iterator[ChunkResult]:
-    """Chunk results in input order; at most 2 chunks per worker in flight."""
-    if workers == 1:
-        init_worker(tokenizer, files, options)
-        yield from map(encode_chunk, chunks)
-        return
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=init_worker,
-        initargs=(tokenizer, files, options),
-    )
-    pending: deque = deque()
-    try:
+class _Encoder:
+    """Encodes chunks in input order: in this process (1 worker) or in worker processes
+    with at most 2 chunks per worker in flight, so memory stays bounded."""
+
+    def __init__(self, workers: int, tokenizer: Tokenizer, files: list[InputFile], options):
+        self.workers = workers
+        self.pool = None
+        if workers == 1:
+            init_worker(tokenizer, files, options)
+            return
+        # fork starts a worker in milliseconds (spawn re-imports the caller's main module);
+        # the pool exists before the progress bar's thread does.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.pool = context.Pool(workers, init_worker, (tokenizer, files, options))
+
+    def map(self, chunks: Iterable) -> Iterator[ChunkResult]:
+        if self.pool is None:
+            yield from map(encode_chunk, chunks)
+            return
+        pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(encode_chunk, chunk))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+            pending.append(self.pool.apply_async(encode_chunk, (chunk,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
         while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            yield pending.popleft().get()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
 
 
 class _SplitWriter:

@@ -151,22 +151,23 @@ def _units(index: int, f: InputFile, block_bytes: int) -> Iterator[Unit]:
 def _text_blocks(index: int, stream: BinaryIO, block_bytes: int) -> Iterator[Unit]:
     """A text file in blocks cut where the tokenizer splits words anyway (after a run of
     newlines, else before a space), so tokenizing block by block changes nothing."""
-    offset, carry = 0, b""
+    offset, buf = 0, stream.read(block_bytes)
     while True:
-        data = stream.read(block_bytes)
-        buf = carry + data
-        if not data:
+        more = stream.read(block_bytes)
+        if not more:
             yield Unit(index, offset, buf, True)  # the last block (b"" for an empty file)
             return
-        cut = _word_boundary(buf)
+        buf += more
+        cut = _word_boundary(buf[:block_bytes]) if len(buf) > block_bytes else -1
+        if cut <= 0:
+            cut = _word_boundary(buf)
         if cut <= 0:
             if len(buf) < 16 * block_bytes:
-                carry = buf
                 continue
             cut = _utf8_boundary(buf)  # one enormous word: cut anywhere valid
         yield Unit(index, offset, buf[:cut], False)
         offset += cut
-        carry = buf[cut:]
+        buf = buf[cut:]
 
 
 def _word_boundary(buf: bytes) -> int:

@@ -1,13 +1,17 @@
 import gzip
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from data_prep import PrepConfig, prepare
 from data_prep.pipeline import _is_valid
+from data_prep.sources import _text_blocks
 from megapatch.data import IndexedDataset, Tokenizer, open_corpus, read_manifest
 from megapatch.errors import DataError
 from tests.data.helpers import synthetic_text
@@ -235,3 +239,25 @@ def test_uint32_tokens_for_a_large_vocabulary(tmp_path, tiny_tokenizer_model):
     tokens = corpus.read(0, corpus.num_tokens)
     assert tokens.dtype == np.uint32 and tokens.max() == 400 + 65990
     assert Tokenizer.from_file(corpus.tokenizer_path).decode(tokens[:-1]) == text
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab é東\n\n  ")), max_size=400),
+    block=st.integers(4, 40),
+)
+def test_text_blocks_cut_only_between_words(tiny_tokenizer, text, block):
+    data = text.encode()
+    units = list(_text_blocks(0, io.BytesIO(data), block))
+    assert b"".join(u.data for u in units) == data
+    assert [u.doc_end for u in units] == [False] * (len(units) - 1) + [True]
+    assert [u.where for u in units] == list(np.cumsum([0] + [len(u.data) for u in units[:-1]]))
+    cuts = np.cumsum([len(u.data) for u in units[:-1]]).tolist()
+    newline_run_ends = [data[c - 1 : c] == b"\n" and data[c : c + 1] != b"\n" for c in cuts]
+    space_starts = [data[c : c + 1] == b" " and data[c - 1 : c] != b" " for c in cuts]
+    # A cut elsewhere happens only in a "word" longer than 16 blocks (forced, inexact).
+    assume(all(a or b for a, b in zip(newline_run_ends, space_starts)))
+    pieces = [tiny_tokenizer.encode(u.data.decode()) for u in units]
+    assert np.concatenate(pieces).tolist() == tiny_tokenizer.encode_plain(text).tolist()
