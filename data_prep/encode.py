@@ -1,12 +1,16 @@
-"""Worker side of the prep: decode, parse and tokenize one chunk.
+"""Tokenizing chunks: decode, parse and tokenize one chunk (the worker side), and the
+ordered, bounded parallel map over all chunks.
 
 The same functions run in worker processes (`--workers N`) or in the main process
-(`--workers 1`); the results depend only on the chunk, so the output is the same.
+(`--workers 1`); a result depends only on its chunk, so the output is the same.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,3 +119,45 @@ def _json_text(line: str, key: str) -> tuple[str, str | None, str]:
         found = "no such key" if key not in obj else f"a {type(text).__name__}, not a string"
         return "", "missing text", f"field {key!r}: {found}; --text-key names the text field"
     return text, None, ""
+
+
+class ChunkEncoder:
+    """Encodes chunks in input order: in this process (1 worker) or in worker processes
+    with at most 2 chunks per worker in flight, so memory stays bounded."""
+
+    def __init__(
+        self, workers: int, tokenizer: Tokenizer, files: list[InputFile], options: EncodeOptions
+    ):
+        self.workers = workers
+        self.pool = None
+        if workers == 1:
+            init_worker(tokenizer, files, options)
+            return
+        # fork starts a worker in milliseconds (spawn re-imports the caller's main module);
+        # the pool exists before the progress bar's thread does.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.pool = context.Pool(workers, init_worker, (tokenizer, files, options))
+
+    def map(self, chunks: Iterable) -> Iterator[ChunkResult]:
+        if self.pool is None:
+            yield from map(encode_chunk, chunks)
+            return
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(self.pool.apply_async(encode_chunk, (chunk,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()

@@ -8,31 +8,25 @@ directory, so the output holds either the previous prep or the complete new one.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 import megapatch
-from data_prep.encode import ChunkResult, EncodeOptions, encode_chunk, init_worker
+from data_prep.encode import ChunkEncoder, EncodeOptions
+from data_prep.output import SplitWriter, commit_staging
 from data_prep.sample import fetch_sample, get_sample
 from data_prep.sources import InputFile, read_chunks, resolve_inputs, sample_documents
 from data_prep.train_tokenizer import train_tokenizer
 from megapatch.data.corpus import Corpus
-from megapatch.data.indexed import IndexedDatasetWriter
 from megapatch.data.manifest import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     prep_files,
     read_manifest,
     write_manifest,
@@ -116,7 +110,7 @@ def prepare(config: PrepConfig) -> PrepResult:
     staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=out))
     try:
         result = _prepare_into(staging, config, files, identity)
-        _commit(staging, out, replace=existing)
+        commit_staging(staging, out, replace=existing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):
@@ -179,7 +173,8 @@ def _identity(config: PrepConfig, files: list[InputFile] | None) -> dict:
 
 
 def _existing_prep_state(out: Path, identity: dict) -> str:
-    """ "same": a complete prep with these arguments, "different": with others, or "incomplete"."""
+    """What `out` holds: "same" (a complete prep made with these arguments), "different"
+    (one made with other arguments) or "incomplete" (damaged, or no manifest)."""
     try:
         manifest = read_manifest(out)
         for split, info in manifest["splits"].items():
@@ -257,8 +252,7 @@ def _tokenize(
 ) -> tuple[dict[str, list[dict]], dict[str, int], int, int]:
     """Tokenize every input into the split writers: (shards, skipped, documents, bytes)."""
     writers = {
-        s: _SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens)
-        for s in ("train", "valid")
+        s: SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens) for s in ("train", "valid")
     }
     options = EncodeOptions(config.text_key, config.strict, config.utf8_errors)
     skipped: dict[str, int] = {}
@@ -268,7 +262,7 @@ def _tokenize(
     total = None if any(f.compressed for f in files) else sum(f.size for f in files)
     chunks = read_chunks(files, config.chunk_bytes)
     try:
-        with _Encoder(config.workers, tokenizer, files, options) as encoder, tqdm(
+        with ChunkEncoder(config.workers, tokenizer, files, options) as encoder, tqdm(
             total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
             disable=not config.progress, dynamic_ncols=True,
         ) as bar:  # fmt: skip
@@ -329,101 +323,3 @@ def _get_tokenizer(config: PrepConfig, files: list[InputFile]) -> Tokenizer:
 def _is_valid(doc_index: int, fraction: float) -> bool:
     """Held-out documents, evenly spaced: the first n hold round(n · fraction) of them."""
     return math.floor((doc_index + 1) * fraction + 0.5) > math.floor(doc_index * fraction + 0.5)
-
-
-class _Encoder:
-    """Encodes chunks in input order: in this process (1 worker) or in worker processes
-    with at most 2 chunks per worker in flight, so memory stays bounded."""
-
-    def __init__(self, workers: int, tokenizer: Tokenizer, files: list[InputFile], options):
-        self.workers = workers
-        self.pool = None
-        if workers == 1:
-            init_worker(tokenizer, files, options)
-            return
-        # fork starts a worker in milliseconds (spawn re-imports the caller's main module);
-        # the pool exists before the progress bar's thread does.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.pool = context.Pool(workers, init_worker, (tokenizer, files, options))
-
-    def map(self, chunks: Iterable) -> Iterator[ChunkResult]:
-        if self.pool is None:
-            yield from map(encode_chunk, chunks)
-            return
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(self.pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
-
-
-class _SplitWriter:
-    """The shards of one split: a new shard starts at a document boundary once the current
-    one holds `shard_tokens` tokens. No shard is made for a split without documents."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.split, self.dtype = directory, split, dtype
-        self.shard_tokens = shard_tokens
-        self.shards: list[dict] = []
-        self.current: IndexedDatasetWriter | None = None
-        self.in_document = False
-
-    def add_tokens(self, tokens: np.ndarray) -> None:
-        if self.current is None:
-            name = f"{self.split}-{len(self.shards):05d}"
-            self.current = IndexedDatasetWriter(self.directory / name, self.dtype)
-            self.shards.append({"name": name})
-        self.current.add_tokens(tokens)
-        self.in_document = True
-
-    def end_document(self) -> None:
-        self.current.end_document()
-        self.in_document = False
-        if self.current.num_tokens >= self.shard_tokens:
-            self._close_shard()
-
-    def _close_shard(self) -> None:
-        self.current.close()
-        self.shards[-1].update(
-            num_tokens=self.current.num_tokens, num_documents=self.current.num_documents
-        )
-        self.current = None
-
-    def close(self) -> list[dict]:
-        if self.current is not None:
-            self._close_shard()
-        return self.shards
-
-    def abort(self) -> None:
-        if self.current is not None:
-            self.current.abort()
-            self.current = None
-
-
-def _commit(staging: Path, out: Path, replace: list[Path]) -> None:
-    """Move the staged prep into `out`, replacing the files of an older prep; the
-    manifest goes first out and last in, so a prep without it is never taken as complete."""
-    old_manifest = out / MANIFEST_NAME
-    if old_manifest in replace:
-        old_manifest.unlink()
-    for path in replace:
-        if path != old_manifest and path.exists():
-            path.unlink()
-    names = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_NAME)
-    for name in [*names, MANIFEST_NAME]:
-        os.replace(staging / name, out / name)
-    staging.rmdir()

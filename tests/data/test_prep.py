@@ -9,6 +9,7 @@ import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import data_prep.pipeline as pipeline
 from data_prep import PrepConfig, prepare
 from data_prep.pipeline import _is_valid
 from data_prep.sources import _text_blocks
@@ -261,3 +262,30 @@ def test_text_blocks_cut_only_between_words(tiny_tokenizer, text, block):
     assume(all(a or b for a, b in zip(newline_run_ends, space_starts)))
     pieces = [tiny_tokenizer.encode(u.data.decode()) for u in units]
     assert np.concatenate(pieces).tolist() == tiny_tokenizer.encode_plain(text).tolist()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reading_stays_a_few_chunks_ahead(tmp_path, monkeypatch, workers, tiny_tokenizer_model):
+    """Memory stays bounded: the reader is never more than 2 chunks per worker ahead."""
+    lines = [json.dumps({"text": synthetic_text(i, 30)}) for i in range(300)]
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "tiny.model").write_bytes(tiny_tokenizer_model)
+    read, ahead = [0], []
+    original_read, original_map = pipeline.read_chunks, pipeline.ChunkEncoder.map
+
+    def counting_read(*args):
+        for chunk in original_read(*args):
+            read[0] += 1
+            yield chunk
+
+    def watching_map(self, chunks):
+        for done, result in enumerate(original_map(self, chunks), start=1):
+            ahead.append(read[0] - done)
+            yield result
+
+    monkeypatch.setattr(pipeline, "read_chunks", counting_read)
+    monkeypatch.setattr(pipeline.ChunkEncoder, "map", watching_map)
+    _prep(tmp_path / "out", [tmp_path / "big.jsonl"], vocab_size=None,
+          tokenizer=str(tmp_path / "tiny.model"), workers=workers, chunk_bytes=2000)  # fmt: skip
+    assert read[0] > 20 and len(ahead) == read[0]
+    assert max(ahead) <= 2 * workers
