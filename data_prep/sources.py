@@ -195,17 +195,17 @@ def _utf8_boundary(buf: bytes) -> int:
 
 
 def sample_documents(files: list[InputFile], text_key: str, budget_bytes: int) -> Iterator[str]:
-    """Documents (or a text file's leading part) for training the tokenizer: an equal byte
-    budget per file, from each file's start. Undecodable bytes are replaced here; the
-    tokenization pass applies the real policy."""
-    per_file = max(1, budget_bytes // len(files))
-    for f in files:
-        taken = 0
+    """Documents (or a text file's leading part) for training the tokenizer: the budget is
+    split over the files, at least 1 MB each, so many small files give an evenly spaced
+    subset. Undecodable bytes are replaced here; the tokenization pass applies the policy."""
+    per_file = max(budget_bytes // len(files), min(budget_bytes, 1_000_000))
+    count = min(len(files), max(1, budget_bytes // per_file))
+    for f in (files[i * len(files) // count] for i in range(count)):
         with open_binary(f) as stream:
             if f.kind == "text":
-                data = stream.read(per_file)
-                yield data.decode("utf-8", errors="replace")
+                yield stream.read(per_file).decode("utf-8", errors="replace")
                 continue
+            taken = 0
             for line in stream:
                 if taken >= per_file:
                     break

@@ -90,8 +90,11 @@ class PrefetchLoader:
         self._queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.num_workers)]
         self._threads = [
             threading.Thread(
-                target=self._work,
-                args=(w, base, self._queues[w], self._stop),
+                # The threads hold no reference to the loader, so a loader dropped without
+                # close() is collected and its __del__ stops them.
+                target=_produce,
+                args=(self.sampler, self.micro_batch_size, self._pin, base, w, self.num_workers),
+                kwargs={"out": self._queues[w], "stop": self._stop},
                 name=f"megapatch-loader-{w}",
                 daemon=True,
             )
@@ -99,23 +102,6 @@ class PrefetchLoader:
         ]
         for t in self._threads:
             t.start()
-
-    def _work(self, worker: int, base: int, out: queue.Queue, stop: threading.Event) -> None:
-        sampler, mb = self.sampler, self.micro_batch_size
-        batch = worker
-        try:
-            while not stop.is_set():
-                start = base + batch * sampler.global_batch
-                local = torch.empty(
-                    (sampler.local_batch, sampler.window), dtype=torch.int64, pin_memory=self._pin
-                )  # [G/dp, window]
-                sampler.fetch(start, out=local.numpy())
-                for m in range(self.grad_accum):
-                    if not _put(out, local[m * mb : (m + 1) * mb], stop):
-                        return
-                batch += self.num_workers
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            _put(out, exc, stop)
 
     def close(self) -> None:
         """Stop the background threads (the next `next()` starts them again)."""
@@ -129,6 +115,35 @@ class PrefetchLoader:
         stop = getattr(self, "_stop", None)  # absent if __init__ raised
         if stop is not None:
             stop.set()
+
+
+def _produce(
+    sampler: WindowSampler,
+    micro_batch_size: int,
+    pin: bool,
+    base: int,
+    worker: int,
+    num_workers: int,
+    *,
+    out: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """A background thread: global batches `worker`, `worker + num_workers`, ... counted
+    from stream position `base`, split into micro-batches, in order, into `out`."""
+    batch = worker
+    try:
+        while not stop.is_set():
+            start = base + batch * sampler.global_batch
+            local = torch.empty(
+                (sampler.local_batch, sampler.window), dtype=torch.int64, pin_memory=pin
+            )  # [G/dp, window]
+            sampler.fetch(start, out=local.numpy())
+            for m in range(0, sampler.local_batch, micro_batch_size):
+                if not _put(out, local[m : m + micro_batch_size], stop):
+                    return
+            batch += num_workers
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        _put(out, exc, stop)
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:

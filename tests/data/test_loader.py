@@ -1,3 +1,5 @@
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,15 @@ def test_eval_windows_score_every_token_once(tmp_path):
     assert few.tolist() == w[(np.arange(5) * n) // 5].tolist()
     with pytest.raises(DataError, match="fewer than one window of 1025"):
         eval_windows(corpus, seq_len=1024)
+
+
+def test_a_dropped_loader_stops_its_threads(stream):
+    loader = PrefetchLoader(WindowSampler(stream, global_batch=4), 2, num_workers=2)
+    next(loader)
+    threads = list(loader._threads)
+    assert all(t.is_alive() for t in threads)
+    del loader
+    gc.collect()
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import data_prep.pipeline as pipeline
 from data_prep import PrepConfig, prepare
 from data_prep.pipeline import _is_valid
-from data_prep.sources import _text_blocks
+from data_prep.sources import _text_blocks, resolve_inputs, sample_documents
 from megapatch.data import IndexedDataset, Tokenizer, open_corpus, read_manifest
 from megapatch.errors import DataError
 from tests.data.helpers import synthetic_text
@@ -289,3 +289,11 @@ def test_reading_stays_a_few_chunks_ahead(tmp_path, monkeypatch, workers, tiny_t
           tokenizer=str(tmp_path / "tiny.model"), workers=workers, chunk_bytes=2000)  # fmt: skip
     assert read[0] > 20 and len(ahead) == read[0]
     assert max(ahead) <= 2 * workers
+
+
+def test_tokenizer_sample_spreads_over_many_files(tmp_path):
+    for i in range(10):
+        (tmp_path / f"f{i}.txt").write_text(f"file {i}\n")
+    files = resolve_inputs([str(tmp_path)])
+    assert list(sample_documents(files, "text", 3_000_000)) == ["file 0\n", "file 3\n", "file 6\n"]
+    assert len(list(sample_documents(files, "text", 64_000_000))) == 10
