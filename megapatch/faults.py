@@ -6,6 +6,8 @@
     MEGAPATCH_FAULT_KILL_IN_SAVE=8      SIGKILL while the checkpoint of step 8 is being
                                         written (before it is marked complete)
     MEGAPATCH_FAULT_RANKS=1             restrict kills to these global ranks (default: all)
+    MEGAPATCH_RECORD_DATA_CRC=1         log a CRC of each step's batches (rank 0's slice), so
+                                        tests can prove a resumed run read the same windows
 
 Unset, every hook is a no-op costing one dict lookup.
 """
@@ -44,3 +46,7 @@ def maybe_kill_after_step(step: int) -> None:
 def maybe_kill_in_save(step: int) -> None:
     if step in _steps("MEGAPATCH_FAULT_KILL_IN_SAVE") and _this_rank_selected():
         _kill()
+
+
+def record_data_crc() -> bool:
+    return os.environ.get("MEGAPATCH_RECORD_DATA_CRC") == "1"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,8 +284,11 @@ class Trainer:
         engine, k = self.engine, phase.patch_size
         set_lr(engine, self.plan.lr(self.progress.global_step))
         losses = []
+        self.step_crc = 0 if faults.record_data_crc() else None
         for micro in range(phase.grad_accum):
             batch = next(batches)
+            if self.step_crc is not None:
+                self.step_crc = zlib.crc32(batch.cpu().numpy().tobytes(), self.step_crc)
             engine.set_gradient_accumulation_boundary(micro == phase.grad_accum - 1)
             loss = engine(batch[:, :-k], batch[:, k:], patch_size=k)
             loss = self._inject_fault(loss)
@@ -468,6 +472,8 @@ class Trainer:
             "wall_time_s": sum(p.wall_time.values()),
             "nonfinite_total": p.nonfinite_total,
         }
+        if self.step_crc is not None:
+            record["data_crc"] = self.step_crc
         if self.peak:
             record["mfu"] = phase.flops_per_step / dt / (self.peak * self.env.world_size)
         return record
