@@ -127,7 +127,8 @@ class PhaseStream:
             if perm is None:
                 rng = np.random.default_rng([self.seed, _PHASE_CODE[self.name], source, epoch])
                 count = self.sources[source].count
-                perm = rng.permutation(count).astype(np.int32 if count < 2**31 else np.int64)
+                dtype = np.int32 if count < 2**31 else np.int64  # half the memory for < 2^31
+                perm = rng.permutation(np.arange(count, dtype=dtype))
                 self._permutations[key] = perm
                 if len(self._permutations) > _CACHED_PERMUTATIONS:
                     self._permutations.popitem(last=False)
