@@ -1,4 +1,6 @@
-"""`megapatch prep|plan|train|eval|export|generate|compare|bench|summary`.
+"""megapatch: patch-level pretraining of GPT-style language models.
+
+Commands: prep, plan, train, eval, export, generate, compare, bench, summary.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int`; modules are imported lazily so `megapatch --help` stays fast.
@@ -31,37 +33,48 @@ def _load(name: str):
     return importlib.import_module(module_name)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megapatch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        if name == only:
-            _load(name).add_arguments(sp)
+def _top_level_help() -> str:
+    lines = ["usage: megapatch COMMAND [ARGS...]", "", __doc__.splitlines()[0], "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "`megapatch COMMAND --help` shows a command's arguments."]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand; options may come before or after positionals."""
+    _, help_text = SUBCOMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"megapatch {command}", description=help_text)
+    _load(command).add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0 if argv else 2
+    command = argv[0]
+    if command not in SUBCOMMANDS:
+        print(f"megapatch: error: unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
     try:
-        args = build_parser(only=command).parse_args(argv)
-    except ModuleNotFoundError as exc:  # a subcommand that is not built yet
-        print(f"megapatch: error: command {command!r} is not available ({exc})", file=sys.stderr)
+        parser = build_parser(command)
+    except ModuleNotFoundError as exc:  # an optional dependency of that command is missing
+        print(f"megapatch {command}: error: {exc}", file=sys.stderr)
         return 2
-    if args.command is None:
-        build_parser().print_help()
-        return 2
+    # intermixed: `megapatch plan CONFIG patch.size=2 --dp 8` works as users expect
+    args = parser.parse_intermixed_args(argv[1:])
+    args.command = command
     from megapatch.logging_utils import setup_logging
 
     setup_logging()
     try:
-        return int(_load(args.command).run(args) or 0)
+        return int(_load(command).run(args) or 0)
     except MegapatchError as exc:
-        print(f"megapatch {args.command}: error: {exc}", file=sys.stderr)
+        print(f"megapatch {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"megapatch {args.command}: interrupted", file=sys.stderr)
+        print(f"megapatch {command}: interrupted", file=sys.stderr)
         return 130
 
 
