@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -133,10 +134,10 @@ class ChunkEncoder:
         if workers == 1:
             init_worker(tokenizer, files, options)
             return
-        # fork starts a worker in milliseconds (spawn re-imports the caller's main module);
-        # the pool exists before the progress bar's thread does.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # On Linux fork starts a worker in milliseconds (spawn re-imports the caller's main
+        # module); the pool exists before any thread (the progress bar's) does.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        context = multiprocessing.get_context(method)
         self.pool = context.Pool(workers, init_worker, (tokenizer, files, options))
 
     def map(self, chunks: Iterable) -> Iterator[ChunkResult]:

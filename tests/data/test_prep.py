@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,14 @@ def test_tokenizer_sample_spreads_over_many_files(tmp_path):
     files = resolve_inputs([str(tmp_path)])
     assert list(sample_documents(files, "text", 3_000_000)) == ["file 0\n", "file 3\n", "file 6\n"]
     assert len(list(sample_documents(files, "text", 64_000_000))) == 10
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_same_output(corpus_dir, tmp_path, monkeypatch):
+    """Where fork is not used (macOS, Windows) workers are spawned: same bytes."""
+    root, _ = corpus_dir
+    _prep(tmp_path / "fork", [root], workers=2, chunk_bytes=3000)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    _prep(tmp_path / "spawn", [root], workers=2, chunk_bytes=3000)
+    read = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
+    assert read(tmp_path / "fork") == read(tmp_path / "spawn")
