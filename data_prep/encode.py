@@ -65,6 +65,8 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
         if error:
             result.error = error
             break
+        if unit.where == (1 if jsonl else 0) and text.startswith("\ufeff"):
+            text = text[1:]  # a byte-order mark opening the file is not text
         if jsonl:
             text, reason, detail = _json_text(text, options.text_key)
             if reason and options.strict:

@@ -309,3 +309,13 @@ def test_spawned_workers_give_the_same_output(corpus_dir, tmp_path, monkeypatch)
     _prep(tmp_path / "spawn", [root], workers=2, chunk_bytes=3000)
     read = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
     assert read(tmp_path / "fork") == read(tmp_path / "spawn")
+
+
+def test_byte_order_marks_are_dropped(tmp_path):
+    body = synthetic_text(9, 200)
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "b.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"text": body}).encode() + b"\n"
+    )
+    _prep(tmp_path / "out", [tmp_path / "a.txt", tmp_path / "b.jsonl"], valid_fraction=0.0)
+    assert _documents(tmp_path / "out", "train") == [body, body]
