@@ -174,14 +174,16 @@ def build_phase_streams(
 
     A phase with no share of the budget (λ = 0 or 1) gets a stream without windows.
     """
-    if not isinstance(total_tokens, int) or total_tokens <= 0:
+    if not isinstance(total_tokens, (int, np.integer)) or total_tokens <= 0:
         raise ConfigError(f"total_tokens must be a positive integer, got {total_tokens!r}")
+    total_tokens = int(total_tokens)
     if not 0.0 <= patch_fraction <= 1.0:
         raise ConfigError(f"patch fraction must be in [0, 1], got {patch_fraction}")
     if patch_size < 1 or seq_len < 1:
         raise ConfigError(f"patch size and seq_len must be ≥ 1, got K={patch_size}, L={seq_len}")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"data seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
     shapes = {  # window, stride
         "patch": (patch_size * seq_len + patch_size, patch_size * seq_len),
         "token": (seq_len + 1, seq_len),
