@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from megapatch.errors import ConfigError
 from megapatch.ops import reference
 from megapatch.ops._checks import (
     check_embedding_inputs,
@@ -23,6 +25,19 @@ def _backend_module(name: str):
     from megapatch.ops import triton_ops
 
     return triton_ops
+
+
+def _tensor_parallel_group(op: str, group, vocab_start: int, vocab_shard: int):
+    """(group to reduce over, or None for a single rank, i.e. no collectives; its size)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD  # torch's convention: None is the default group
+    world = group_size(group)
+    if not 0 <= vocab_start <= (world - 1) * vocab_shard or vocab_start % max(vocab_shard, 1):
+        raise ConfigError(
+            f"{op}: vocab_start={vocab_start} is not a shard boundary of {world} shards of "
+            f"{vocab_shard} rows; expected rank * {vocab_shard}"
+        )
+    return (group if world > 1 else None), world
 
 
 def patch_embedding(
@@ -50,8 +65,10 @@ def vocab_parallel_patch_embedding(
     zero, the sum is divided by K (not by the in-shard count) and all-reduced, so every
     rank returns the full replicated result.
     """
-    vocab_total = group_size(group) * weight_shard.shape[0]
-    check_embedding_inputs("vocab_parallel_patch_embedding", ids, weight_shard, vocab_total)
+    op = "vocab_parallel_patch_embedding"
+    group, world = _tensor_parallel_group(op, group, vocab_start, weight_shard.shape[0])
+    vocab_total = world * weight_shard.shape[0]
+    check_embedding_inputs(op, ids, weight_shard, vocab_total)
     impl = _backend_module(resolve_backend(backend, ids, weight_shard))
     out = impl.patch_embedding(
         ids.reshape(-1, ids.shape[-1]), weight_shard, vocab_start=vocab_start, group=group
@@ -108,14 +125,16 @@ def vocab_parallel_patch_loss(
     with a MAX and one packed SUM all-reduce; backward all-reduces the hidden gradient
     inside the op, so the caller needs no extra mapping.
     """
+    op = "vocab_parallel_patch_loss"
+    group, world = _tensor_parallel_group(op, group, vocab_start, weight_shard.shape[0])
     check_loss_inputs(
-        "vocab_parallel_patch_loss",
+        op,
         hidden,
         weight_shard,
         targets,
         ignore_index=ignore_index,
         vocab_size=vocab_size,
-        vocab_total=group_size(group) * weight_shard.shape[0],
+        vocab_total=world * weight_shard.shape[0],
     )
     impl = _backend_module(resolve_backend(backend, hidden, weight_shard))
     return impl.patch_loss(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 
 IGNORE = -100
@@ -47,16 +44,5 @@ def loss_inputs(n, v, d, k, *, vocab_size=None, ignored=0.2, seed=0):
 
 def rel_err(a, b) -> float:
     """Max abs error relative to the largest magnitude of the truth."""
-    b = b.double()
-    return float((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
-def interpreted_triton():
-    """Run triton kernels on the CPU interpreter; triton reads the flag when kernels are defined."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from megapatch.ops import triton_kernels
-
-    if not isinstance(triton_kernels.gather_sum_kernel, InterpretedFunction):
-        importlib.reload(triton_kernels)  # imported earlier without the interpreter
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
