@@ -151,9 +151,7 @@ class SlurmCluster:
         try:
             cluster._start_munge()
             cluster._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(root / "slurm.conf")])
-            cluster._spawn(
-                "slurmd", ["slurmd", "-D", "-N", node, "-f", str(root / "slurm.conf")]
-            )
+            cluster._spawn("slurmd", ["slurmd", "-D", "-N", node, "-f", str(root / "slurm.conf")])
             cluster._wait_until_idle(timeout)
         except BaseException:
             cluster.stop()
@@ -194,9 +192,7 @@ class SlurmCluster:
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {proc.returncode}:\n{self.logs(name)}"
-                )
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)}")
 
     def _wait_until_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -206,11 +202,15 @@ class SlurmCluster:
             if out in ("idle", "mixed", "allocated"):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node not idle after {timeout}s (state {out!r}):\n{self.logs()}")
+                raise RuntimeError(
+                    f"node not idle after {timeout}s (state {out!r}):\n{self.logs()}"
+                )
             time.sleep(0.2)
 
     def run(self, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env=kw.pop("env", self.env), capture_output=True, text=True, check=check, **kw)
+        return subprocess.run(
+            argv, env=kw.pop("env", self.env), capture_output=True, text=True, check=check, **kw
+        )
 
     def sbatch(self, argv: list[str], cwd: str | os.PathLike, env: dict | None = None) -> int:
         """Submit `sbatch --parsable ARGV...` from `cwd`; return the job id."""
@@ -236,7 +236,17 @@ class SlurmCluster:
 
     def wait(self, job_id: int, timeout: float = 180.0, states=None) -> str:
         """Wait until the job reaches one of `states` (default: any final state)."""
-        final = states or {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+        final = states or {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        }
         deadline = time.monotonic() + timeout
         while True:
             state = self.job(job_id)["JobState"]

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Train with the DeepSpeed launcher: `megapatch train CONFIG [key=value ...]` on every rank.
+#
+#   one node:       launch/deepspeed.sh [--num_gpus N] CONFIG [key=value ...]
+#   nodes via ssh:  launch/deepspeed.sh --hostfile FILE [--num_nodes N] [--num_gpus N] \
+#                       [--master_addr NODE0] CONFIG [key=value ...]
+#                   from one node, with passwordless ssh and pdsh to every host of FILE
+#                   (lines "HOSTNAME slots=GPUS", see launch/hostfile.example)
+#   per node:       on every node, for clusters without ssh between nodes:
+#                   launch/deepspeed.sh --no_ssh --node_rank R (--hostfile FILE |
+#                       --num_nodes N --master_addr NODE0) [--master_port P] CONFIG ...
+#
+#   --export VAR[,VAR...]  forward these variables too (ssh mode; see below)
+#   --dry_run              print the launcher command (and forwarded variables), start nothing
+#
+# Ranks per node: parallel.gpus_per_node when the config sets it, else --num_gpus, else one
+# per GPU here (1 on a CPU node). The config is checked against the launch first.
+# Over ssh, the DeepSpeed launcher forwards only NCCL_*, PYTHON*, UCX_*, MV2_* and MLFLOW*
+# variables; this script also forwards PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS, CUDA_HOME
+# and every MEGAPATCH_*, WANDB_*, HF_*, TORCH_*, TRITON_*, CUDA_* and NVIDIA_* variable
+# (through a DS_ENV_FILE it writes), plus those named with --export.
+# SIGUSR1 or SIGTERM to this script: the ranks on this node checkpoint and exit 0.
+#
+# Environment: PYTHON (interpreter with megapatch installed), DEEPSPEED_ARGS (extra
+# launcher options, e.g. "--bind_cores_to_rank").
+set -euo pipefail
+PROG=deepspeed.sh
+LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=launch/common.sh
+source "$LAUNCH_DIR/common.sh"
+
+FORWARD_PREFIXES=(MEGAPATCH_ WANDB_ HF_ TORCH_ TRITON_ CUDA_ NVIDIA_)
+FORWARD_NAMES=(PATH LD_LIBRARY_PATH OMP_NUM_THREADS TOKENIZERS_PARALLELISM)
+
+num_gpus="" num_nodes="" hostfile="" no_ssh=0 node_rank="" master_addr="" master_port=""
+dry_run=0 exports=()
+while [ $# -gt 0 ]; do
+    case $1 in --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac
+    case $1 in
+        --num_gpus | --num-gpus | --num_accelerators) need_int "$@"; num_gpus=$2; shift 2 ;;
+        --num_nodes | --num-nodes) need_int "$@"; num_nodes=$2; shift 2 ;;
+        --hostfile) need_value "$@"; hostfile=$2; shift 2 ;;
+        --no_ssh | --no-ssh) no_ssh=1; shift ;;
+        --node_rank | --node-rank) need_int "$@"; node_rank=$2; shift 2 ;;
+        --master_addr | --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
+        --master_port | --master-port) need_int "$@"; master_port=$2; shift 2 ;;
+        --export) need_value "$@"; IFS=, read -r -a more <<<"$2"; exports+=("${more[@]}"); shift 2 ;;
+        --dry_run | --dry-run) dry_run=1; shift ;;
+        -h | --help) usage "$0"; exit 0 ;;
+        --) shift; break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) break ;;
+    esac
+done
+[ $# -ge 1 ] || die "no config: usage: launch/deepspeed.sh [options] CONFIG [key=value ...]"
+if [ "$no_ssh" = 1 ]; then
+    [ -n "$node_rank" ] || die "--no_ssh needs --node_rank (this node's index, from 0)"
+    [ -n "$hostfile" ] || [ -n "$num_nodes" ] || die "--no_ssh needs --hostfile FILE or --num_nodes N"
+else
+    [ -z "$node_rank" ] || die "--node_rank is for --no_ssh mode (over ssh the launcher numbers the nodes)"
+fi
+ssh_mode=0
+[ "$no_ssh" = 1 ] || [ -z "$hostfile" ] || ssh_mode=1
+
+checks=(--launcher deepspeed)
+[ -z "$hostfile" ] || checks+=(--hostfile "$hostfile")
+[ "$ssh_mode" = 0 ] || checks+=(--ssh)
+[ -z "$num_nodes" ] || checks+=(--nnodes "$num_nodes")
+[ -z "$node_rank" ] || checks+=(--node-rank "$node_rank")
+[ -z "$num_gpus" ] || checks+=(--nproc-per-node "$num_gpus")
+[ -z "$master_addr" ] || checks+=(--master-addr "$master_addr")
+preflight "${checks[@]}" -- "$@"
+
+[ -n "$master_port" ] || master_port=${FREE_PORT:-29500}
+cleanup=()
+trap 'rm -f "${cleanup[@]}"' EXIT
+launcher=("$PYTHON" -u -m deepspeed.launcher.runner --master_port "$master_port")
+if [ "$no_ssh" = 1 ]; then
+    if [ -z "$hostfile" ]; then
+        # The launcher takes the node count from a hostfile; the names are not used.
+        hostfile=$(mktemp "${TMPDIR:-/tmp}/megapatch-hostfile.XXXXXX")
+        cleanup+=("$hostfile")
+        for ((i = 0; i < NNODES; i++)); do echo "node-$i slots=$NPROC_PER_NODE"; done >"$hostfile"
+    fi
+    launcher+=(--no_ssh --hostfile "$hostfile" --num_nodes "$NNODES" --node_rank "$NODE_RANK"
+        --master_addr "$MASTER_ADDR" --num_gpus "$NPROC_PER_NODE")
+elif [ "$ssh_mode" = 1 ]; then
+    launcher+=(--hostfile "$hostfile" --num_nodes "$NNODES" --num_gpus "$NPROC_PER_NODE")
+    [ -z "$master_addr" ] || launcher+=(--master_addr "$master_addr")
+    # Variables for the ranks on the other nodes; DeepSpeed reads DS_ENV_FILE's KEY=VALUE lines.
+    for wanted in "${exports[@]}"; do
+        [ -n "${!wanted+set}" ] || die "--export $wanted: no such variable in this environment"
+    done
+    env_file=$(mktemp "${TMPDIR:-/tmp}/megapatch-deepspeed-env.XXXXXX")
+    cleanup+=("$env_file")
+    while IFS= read -r name; do
+        forward=0
+        for prefix in "${FORWARD_PREFIXES[@]}"; do [[ $name == "$prefix"* ]] && forward=1; done
+        for wanted in "${FORWARD_NAMES[@]}" "${exports[@]}"; do [[ $name == "$wanted" ]] && forward=1; done
+        [ "$forward" = 1 ] || continue
+        value=${!name}
+        if [[ $value == *[$'\n'\"\$\`\\]* ]]; then
+            echo "$PROG: warning: not forwarding $name: its value has a newline, quote, \$, \` or \\" >&2
+            continue
+        fi
+        printf '%s=%s\n' "$name" "$value"
+    done < <(compgen -e | sort) >"$env_file"
+    export DS_ENV_FILE=$env_file
+else
+    # One node: localhost, with this node's devices (or the CUDA_VISIBLE_DEVICES subset).
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$DEVICE_KIND" = GPU ]; then
+        devices=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f"1-$NPROC_PER_NODE")
+        launcher+=(--include "localhost:$devices")
+    else
+        launcher+=(--num_gpus "$NPROC_PER_NODE")
+        # The CPU accelerator counts NUMA nodes as devices unless told how many ranks.
+        [ "$DEVICE_KIND" = GPU ] || export LOCAL_SIZE=$NPROC_PER_NODE
+    fi
+fi
+# shellcheck disable=SC2206  # DEEPSPEED_ARGS is a list of options
+launcher+=(${DEEPSPEED_ARGS:-} --no_local_rank --module megapatch train "$@")
+
+echo "$PROG: $NNODES node(s) x $NPROC_PER_NODE rank(s) (world $WORLD_SIZE, $DEVICE_KIND)," \
+    "run dir $RUN_DIR" >&2
+if [ "$dry_run" = 1 ]; then
+    printf '%q ' "${launcher[@]}"
+    echo
+    if [ -n "${DS_ENV_FILE:-}" ]; then
+        echo "# forwarded to every node (DS_ENV_FILE):"
+        cat "$DS_ENV_FILE"
+    fi
+    exit 0
+fi
+run_launcher "${launcher[@]}"

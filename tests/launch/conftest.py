@@ -1,0 +1,109 @@
+"""Shared by the launch tests: a small prepped corpus, a tiny run config, and the
+environment the launch scripts run in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.data.helpers import synthetic_text
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+# configs/tiny.yaml shrunk until a run is mostly process start-up: K=4 and lambda=2/3 give
+# 4 patch steps (8 sequences of 64 tokens) then 2 token steps (32 sequences of 16 tokens).
+TINY_OVERRIDES = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.ffn_hidden=64",
+    "model.seq_len=16",
+    "model.make_vocab_size_divisible_by=8",
+    "train.tokens_per_step=512",
+    "train.total_tokens=3072",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=1",
+    "train.precision=fp32",
+    "checkpoint.interval=2",
+    "checkpoint.keep_last=null",
+    "eval.interval=0",
+    "eval.max_windows=4",
+    "logging.interval=1",
+    "logging.wandb_mode=disabled",
+    "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def launch_corpus(tmp_path_factory) -> Path:
+    """A real `megapatch prep` output: 8 synthetic documents, a 400-piece tokenizer."""
+    root = tmp_path_factory.mktemp("launch-corpus")
+    texts = root / "texts"
+    texts.mkdir()
+    for i in range(8):
+        (texts / f"doc{i}.txt").write_text(synthetic_text(500 + i, 2000))
+    out = root / "prep"
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megapatch",
+            "prep",
+            str(texts),
+            "--vocab-size",
+            "400",
+            "--valid-fraction",
+            "0.2",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=script_env(),
+    )
+    assert prep.returncode == 0, prep.stderr
+    return out
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a user who installed megapatch into this interpreter."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHON=sys.executable,
+        PYTHONPATH=f"{REPO}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO),
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra)
+    return env
+
+
+def run_script(*argv: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 300):
+    return subprocess.run(
+        ["bash", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or script_env(),
+        timeout=timeout,
+    )
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, phase, loss) of every logged optimizer step."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["phase"], r["loss"]) for r in records if "loss" in r]
