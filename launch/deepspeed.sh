@@ -32,20 +32,21 @@ source "$LAUNCH_DIR/common.sh"
 FORWARD_PREFIXES=(MEGAPATCH_ WANDB_ HF_ TORCH_ TRITON_ CUDA_ NVIDIA_)
 FORWARD_NAMES=(PATH LD_LIBRARY_PATH OMP_NUM_THREADS TOKENIZERS_PARALLELISM)
 
-num_gpus="" num_nodes="" hostfile="" no_ssh=0 node_rank="" master_addr="" master_port=""
-dry_run=0 exports=()
+opt_num_gpus="" opt_num_nodes="" opt_hostfile="" opt_no_ssh=0 opt_node_rank=""
+opt_master_addr="" opt_master_port=""
+opt_dry_run=0 opt_exports=()
 while [ $# -gt 0 ]; do
     case $1 in --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac
     case $1 in
-        --num_gpus | --num-gpus | --num_accelerators) need_int "$@"; num_gpus=$2; shift 2 ;;
-        --num_nodes | --num-nodes) need_int "$@"; num_nodes=$2; shift 2 ;;
-        --hostfile) need_value "$@"; hostfile=$2; shift 2 ;;
-        --no_ssh | --no-ssh) no_ssh=1; shift ;;
-        --node_rank | --node-rank) need_int "$@"; node_rank=$2; shift 2 ;;
-        --master_addr | --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
-        --master_port | --master-port) need_int "$@"; master_port=$2; shift 2 ;;
-        --export) need_value "$@"; IFS=, read -r -a more <<<"$2"; exports+=("${more[@]}"); shift 2 ;;
-        --dry_run | --dry-run) dry_run=1; shift ;;
+        --num_gpus | --num-gpus | --num_accelerators) need_int "$@"; opt_num_gpus=$2; shift 2 ;;
+        --num_nodes | --num-nodes) need_int "$@"; opt_num_nodes=$2; shift 2 ;;
+        --hostfile) need_value "$@"; opt_hostfile=$2; shift 2 ;;
+        --no_ssh | --no-ssh) opt_no_ssh=1; shift ;;
+        --node_rank | --node-rank) need_int "$@"; opt_node_rank=$2; shift 2 ;;
+        --master_addr | --master-addr) need_value "$@"; opt_master_addr=$2; shift 2 ;;
+        --master_port | --master-port) need_int "$@"; opt_master_port=$2; shift 2 ;;
+        --export) need_value "$@"; IFS=, read -r -a more <<<"$2"; opt_exports+=("${more[@]}"); shift 2 ;;
+        --dry_run | --dry-run) opt_dry_run=1; shift ;;
         -h | --help) usage "$0"; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -53,42 +54,42 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -ge 1 ] || die "no config: usage: launch/deepspeed.sh [options] CONFIG [key=value ...]"
-if [ "$no_ssh" = 1 ]; then
-    [ -n "$node_rank" ] || die "--no_ssh needs --node_rank (this node's index, from 0)"
-    [ -n "$hostfile" ] || [ -n "$num_nodes" ] || die "--no_ssh needs --hostfile FILE or --num_nodes N"
+if [ "$opt_no_ssh" = 1 ]; then
+    [ -n "$opt_node_rank" ] || die "--no_ssh needs --node_rank (this node's index, from 0)"
+    [ -n "$opt_hostfile" ] || [ -n "$opt_num_nodes" ] || die "--no_ssh needs --hostfile FILE or --num_nodes N"
 else
-    [ -z "$node_rank" ] || die "--node_rank is for --no_ssh mode (over ssh the launcher numbers the nodes)"
+    [ -z "$opt_node_rank" ] || die "--node_rank is for --no_ssh mode (over ssh the launcher numbers the nodes)"
 fi
 ssh_mode=0
-[ "$no_ssh" = 1 ] || [ -z "$hostfile" ] || ssh_mode=1
+[ "$opt_no_ssh" = 1 ] || [ -z "$opt_hostfile" ] || ssh_mode=1
 
 checks=(--launcher deepspeed)
-[ -z "$hostfile" ] || checks+=(--hostfile "$hostfile")
+[ -z "$opt_hostfile" ] || checks+=(--hostfile "$opt_hostfile")
 [ "$ssh_mode" = 0 ] || checks+=(--ssh)
-[ -z "$num_nodes" ] || checks+=(--nnodes "$num_nodes")
-[ -z "$node_rank" ] || checks+=(--node-rank "$node_rank")
-[ -z "$num_gpus" ] || checks+=(--nproc-per-node "$num_gpus")
-[ -z "$master_addr" ] || checks+=(--master-addr "$master_addr")
+[ -z "$opt_num_nodes" ] || checks+=(--nnodes "$opt_num_nodes")
+[ -z "$opt_node_rank" ] || checks+=(--node-rank "$opt_node_rank")
+[ -z "$opt_num_gpus" ] || checks+=(--nproc-per-node "$opt_num_gpus")
+[ -z "$opt_master_addr" ] || checks+=(--master-addr "$opt_master_addr")
 preflight "${checks[@]}" -- "$@"
 
-[ -n "$master_port" ] || master_port=${FREE_PORT:-29500}
+[ -n "$opt_master_port" ] || opt_master_port=${FREE_PORT:-29500}
 cleanup=()
 trap 'rm -f "${cleanup[@]}"' EXIT
-launcher=("$PYTHON" -u -m deepspeed.launcher.runner --master_port "$master_port")
-if [ "$no_ssh" = 1 ]; then
-    if [ -z "$hostfile" ]; then
+launcher=("$PYTHON" -u -m deepspeed.launcher.runner --master_port "$opt_master_port")
+if [ "$opt_no_ssh" = 1 ]; then
+    if [ -z "$opt_hostfile" ]; then
         # The launcher takes the node count from a hostfile; the names are not used.
-        hostfile=$(mktemp "${TMPDIR:-/tmp}/megapatch-hostfile.XXXXXX")
-        cleanup+=("$hostfile")
-        for ((i = 0; i < NNODES; i++)); do echo "node-$i slots=$NPROC_PER_NODE"; done >"$hostfile"
+        opt_hostfile=$(mktemp "${TMPDIR:-/tmp}/megapatch-hostfile.XXXXXX")
+        cleanup+=("$opt_hostfile")
+        for ((i = 0; i < NNODES; i++)); do echo "node-$i slots=$NPROC_PER_NODE"; done >"$opt_hostfile"
     fi
-    launcher+=(--no_ssh --hostfile "$hostfile" --num_nodes "$NNODES" --node_rank "$NODE_RANK"
+    launcher+=(--no_ssh --hostfile "$opt_hostfile" --num_nodes "$NNODES" --node_rank "$NODE_RANK"
         --master_addr "$MASTER_ADDR" --num_gpus "$NPROC_PER_NODE")
 elif [ "$ssh_mode" = 1 ]; then
-    launcher+=(--hostfile "$hostfile" --num_nodes "$NNODES" --num_gpus "$NPROC_PER_NODE")
-    [ -z "$master_addr" ] || launcher+=(--master_addr "$master_addr")
+    launcher+=(--hostfile "$opt_hostfile" --num_nodes "$NNODES" --num_gpus "$NPROC_PER_NODE")
+    [ -z "$opt_master_addr" ] || launcher+=(--master_addr "$opt_master_addr")
     # Variables for the ranks on the other nodes; DeepSpeed reads DS_ENV_FILE's KEY=VALUE lines.
-    for wanted in "${exports[@]}"; do
+    for wanted in "${opt_exports[@]}"; do
         [ -n "${!wanted+set}" ] || die "--export $wanted: no such variable in this environment"
     done
     env_file=$(mktemp "${TMPDIR:-/tmp}/megapatch-deepspeed-env.XXXXXX")
@@ -96,7 +97,7 @@ elif [ "$ssh_mode" = 1 ]; then
     while IFS= read -r name; do
         forward=0
         for prefix in "${FORWARD_PREFIXES[@]}"; do [[ $name == "$prefix"* ]] && forward=1; done
-        for wanted in "${FORWARD_NAMES[@]}" "${exports[@]}"; do [[ $name == "$wanted" ]] && forward=1; done
+        for wanted in "${FORWARD_NAMES[@]}" "${opt_exports[@]}"; do [[ $name == "$wanted" ]] && forward=1; done
         [ "$forward" = 1 ] || continue
         value=${!name}
         if [[ $value == *[$'\n'\"\$\`\\]* ]]; then
@@ -122,7 +123,7 @@ launcher+=(${DEEPSPEED_ARGS:-} --no_local_rank --module megapatch train "$@")
 
 echo "$PROG: $NNODES node(s) x $NPROC_PER_NODE rank(s) (world $WORLD_SIZE, $DEVICE_KIND)," \
     "run dir $RUN_DIR" >&2
-if [ "$dry_run" = 1 ]; then
+if [ "$opt_dry_run" = 1 ]; then
     printf '%q ' "${launcher[@]}"
     echo
     if [ -n "${DS_ENV_FILE:-}" ]; then

@@ -19,16 +19,17 @@ LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 source "$LAUNCH_DIR/common.sh"
 
-nnodes="" node_rank="" master_addr="" master_port=29500 nproc="" hostfile=""
+opt_nnodes="" opt_node_rank="" opt_master_addr="" opt_master_port=29500
+opt_nproc="" opt_hostfile=""
 while [ $# -gt 0 ]; do
     case $1 in --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac
     case $1 in
-        --nproc_per_node | --nproc-per-node) need_int "$@"; nproc=$2; shift 2 ;;
-        --nnodes) need_int "$@"; nnodes=$2; shift 2 ;;
-        --node_rank | --node-rank) need_int "$@"; node_rank=$2; shift 2 ;;
-        --master_addr | --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
-        --master_port | --master-port) need_int "$@"; master_port=$2; shift 2 ;;
-        --hostfile) need_value "$@"; hostfile=$2; shift 2 ;;
+        --nproc_per_node | --nproc-per-node) need_int "$@"; opt_nproc=$2; shift 2 ;;
+        --nnodes) need_int "$@"; opt_nnodes=$2; shift 2 ;;
+        --node_rank | --node-rank) need_int "$@"; opt_node_rank=$2; shift 2 ;;
+        --master_addr | --master-addr) need_value "$@"; opt_master_addr=$2; shift 2 ;;
+        --master_port | --master-port) need_int "$@"; opt_master_port=$2; shift 2 ;;
+        --hostfile) need_value "$@"; opt_hostfile=$2; shift 2 ;;
         -h | --help) usage "$0"; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -38,18 +39,18 @@ done
 [ $# -ge 1 ] || die "no config: usage: launch/torchrun.sh [options] CONFIG [key=value ...]"
 
 checks=(--launcher torchrun)
-[ -z "$hostfile" ] || checks+=(--hostfile "$hostfile")
-[ -z "$nnodes" ] || checks+=(--nnodes "$nnodes")
-[ -z "$node_rank" ] || checks+=(--node-rank "$node_rank")
-[ -z "$nproc" ] || checks+=(--nproc-per-node "$nproc")
-[ -z "$master_addr" ] || checks+=(--master-addr "$master_addr")
+[ -z "$opt_hostfile" ] || checks+=(--hostfile "$opt_hostfile")
+[ -z "$opt_nnodes" ] || checks+=(--nnodes "$opt_nnodes")
+[ -z "$opt_node_rank" ] || checks+=(--node-rank "$opt_node_rank")
+[ -z "$opt_nproc" ] || checks+=(--nproc-per-node "$opt_nproc")
+[ -z "$opt_master_addr" ] || checks+=(--master-addr "$opt_master_addr")
 preflight "${checks[@]}" -- "$@"
 
 if [ "$NNODES" -eq 1 ]; then
     rendezvous=(--standalone) # a free local port: several single-node runs can share a machine
 else
     rendezvous=(--nnodes "$NNODES" --node_rank "$NODE_RANK"
-        --master_addr "$MASTER_ADDR" --master_port "$master_port")
+        --master_addr "$MASTER_ADDR" --master_port "$opt_master_port")
 fi
 echo "$PROG: node ${NODE_RANK:-0} of $NNODES, $NPROC_PER_NODE rank(s) per node" \
     "(world $WORLD_SIZE, $DEVICE_KIND), run dir $RUN_DIR" >&2
