@@ -221,14 +221,14 @@ def main() -> int:
         )
 
     print(f"\ntokenization: {name}, {tokenize['corpus_MB']:.1f} MB, vocab {tokenize['vocab_size']}")
-    print(f"  {'path (best of repeats)':<44} {'MB/s':>6} {'MB/s of CPU time':>17}")
+    print(f"  {'path (best of repeats)':<50} {'MB/s':>6} {'MB/s of CPU time':>17}")
     for label, row in tokenize["encode"].items():
-        print(f"  {label + ', 1 process':<44} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}")
+        print(f"  {label + ', 1 process':<50} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}")
     for workers, row in tokenize["prep"].items():
         label = f"megapatch prep, {workers} worker{'s' if workers > 1 else ''} (whole prep)"
         ok = "ok" if row["MB/s per worker"] >= TOKENIZE_TARGET else "below target"
         print(
-            f"  {label:<44} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}   "
+            f"  {label:<50} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}   "
             f"{row['MB/s per worker']:.2f} MB/s per worker (target ≥ {TOKENIZE_TARGET}: {ok})"
         )
     identical = tokenize["outputs_identical_across_workers"]
@@ -236,9 +236,9 @@ def main() -> int:
     print(f"\nloader: K={loader['K']}, L={loader['L']}, micro-batch {loader['micro_batch']}, "
           f"{loader['shard_tokens'] / 1e6:.0f}M-token shard")  # fmt: skip
     base = loader["tokens_per_s"]["torch DataLoader, map-style, num_workers=0"]
-    print(f"  {'path (best of 3)':<44} {'M tokens/s':>10} {'vs torch':>9}")
+    print(f"  {'path (best of 3)':<50} {'M tokens/s':>10} {'vs torch':>9}")
     for label, value in loader["tokens_per_s"].items():
-        print(f"  {label:<44} {value / 1e6:>10.1f} {value / base:>8.1f}×")
+        print(f"  {label:<50} {value / 1e6:>10.1f} {value / base:>8.1f}×")
     ours = loader["tokens_per_s"]["PrefetchLoader (1 thread)"]
     verdict = "ok" if ours >= LOADER_TARGET else "below target"
     print(f"  target ≥ {LOADER_TARGET / 1e6:.0f}M tokens/s: {verdict}")
