@@ -2,12 +2,15 @@
 
 from megapatch.model.config import GPTConfig
 from megapatch.model.gpt import GPT, IGNORE_INDEX
+from megapatch.model.kv_cache import KVCache, LayerKVCache
 from megapatch.model.transformer import MLP, Attention, Block, RMSNorm, apply_rotary, rotary_cos_sin
 
 __all__ = [
     "GPTConfig",
     "GPT",
     "IGNORE_INDEX",
+    "KVCache",
+    "LayerKVCache",
     "Block",
     "Attention",
     "MLP",

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from megapatch.errors import ConfigError, DataError
 from megapatch.flops import ModelDims, training_flops_per_sequence
 from megapatch.model.config import GPTConfig
+from megapatch.model.kv_cache import KVCache
 from megapatch.model.transformer import (
     RESIDUAL_OUTPUT_WEIGHTS,
     Block,
@@ -98,25 +99,40 @@ class GPT(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, patch_size: int = 1
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        patch_size: int = 1,
+        *,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids [B, K·L]; targets [B, K·L] (the window shifted by K) or None.
 
         With targets: the scalar patch loss (mean over non-ignored targets). Without:
         logits [B, L, vocab_size] of the distribution at each position (for K=1, the
         ordinary next-token logits [B, T, vocab_size]), gathered over TP and unpadded.
+        With a `kv_cache` (inference, K=1, no targets): input_ids continue the cached
+        positions, which they attend to; their keys and values are appended to the cache.
         """
         self._check_inputs(input_ids, targets, patch_size)
         B, T = input_ids.shape
         K = patch_size
         L = T // K
+        start = 0
+        if kv_cache is not None:
+            if targets is not None or K != 1:
+                raise ConfigError("a KV cache is for inference: token mode (K=1), no targets")
+            kv_cache.check_room(B, L)
+            start = kv_cache.length
 
         x = self.embed_tokens(input_ids.reshape(B, L, K))  # [B, L, D]
         cos, sin = rotary_cos_sin(
-            torch.arange(L, device=x.device), self.cfg.head_dim, self.cfg.rope_theta
+            torch.arange(start, start + L, device=x.device), self.cfg.head_dim, self.cfg.rope_theta
         )
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
+        for i, layer in enumerate(self.layers):
+            if kv_cache is not None:
+                x = layer(x, cos, sin, kv_cache.layers[i])
+            elif self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapatch.model.config import GPTConfig
+from megapatch.model.kv_cache import LayerKVCache
 from megapatch.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -84,7 +85,15 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(cfg.d_model, kv_size, seed=None)
         self.o_proj = RowParallelLinear(q_size, cfg.d_model, seed=None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, D]; with a `cache` (inference), the L positions follow the cached ones
+        and attend to them too."""
         B, L, _ = x.shape
         q = (
             self.q_proj(x).view(B, L, self.n_local_heads, self.head_dim).transpose(1, 2)
@@ -96,9 +105,15 @@ class Attention(nn.Module):
             self.v_proj(x).view(B, L, self.n_local_kv_heads, self.head_dim).transpose(1, 2)
         )  # [B, Hkv, L, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_local_kv_heads != self.n_local_heads
-        )  # [B, H, L, hd]
+        gqa = self.n_local_kv_heads != self.n_local_heads
+        if cache is None:  # training and plain inference: [B, H, L, hd]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            start = cache.length
+            k, v = cache.append(k, v)  # [B, Hkv, start + L, hd]
+            # Query i sits at position start + i and sees keys 0 .. start + i.
+            visible = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, L, self.n_local_heads * self.head_dim)  # [B, L, H·hd]
         return self.o_proj(y)
 
@@ -124,8 +139,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
