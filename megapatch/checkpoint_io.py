@@ -1,0 +1,291 @@
+"""Read a megapatch checkpoint, saved with any TP size and ZeRO stage, as one full model.
+
+    ckpt = read_checkpoint("runs/tiny")        # a run dir, its checkpoints/ dir, or a step dir
+    ckpt.model_config, ckpt.state_dict          # GPTConfig; full fp32 weights, TP=1 names
+    model = build_model(ckpt)                   # a TP=1 GPT in eval mode (eval, generate)
+    load_full_state_dict(model, state, source=...)   # full weights into any TP shard
+
+The full state dict is the canonical form every consumer shares: Hugging Face Llama's
+parameter names without the `model.` prefix, each weight whole (TP shards concatenated
+along their `partition_dim`), the vocabulary rows cut to the real vocabulary (TP padding
+dropped), fp32.
+
+Which weights: the ones the model computed with. For ZeRO 0/1/2 that is DeepSpeed's
+"module" state dict of each TP rank (bf16 for a bf16 run, exactly representable in fp32).
+ZeRO-3 partitions those, so the fp32 master partitions are gathered with DeepSpeed's
+zero_to_fp32 and, for a bf16/fp16 run, rounded to that dtype as the engine rounds them
+after every step; every stage therefore reads the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megapatch.checkpoint import COMPLETE, CheckpointManager
+from megapatch.errors import CheckpointError, ConfigError
+from megapatch.logging_utils import get_logger
+from megapatch.model import GPT, GPTConfig
+from megapatch.parallel import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+log = get_logger("checkpoint_io")
+
+# Weights whose rows are the vocabulary: padded for TP in a model, unpadded in a full state dict.
+VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
+
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    """The step directory read."""
+    step: int
+    model_config: GPTConfig
+    state_dict: dict[str, torch.Tensor]
+    """Full TP=1 weights in fp32, vocabulary rows unpadded."""
+    meta: dict[str, Any]
+    """The engine's client state: progress, config, model_config, parallel layout."""
+    run_dir: Path | None
+    """The run directory the checkpoint belongs to, where it can be found."""
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """The run's resolved config as {section: {field: value}}."""
+        return self.meta.get("config", {})
+
+    def tokenizer_path(self) -> Path | None:
+        """The run's tokenizer: the copy in the run directory, else the training data's."""
+        if self.run_dir is not None and (self.run_dir / "tokenizer.model").is_file():
+            return self.run_dir / "tokenizer.model"
+        data = self.run_config.get("data", {})
+        prep_dir = data.get("path") or (data.get("blend") or [{}])[0].get("path")
+        if prep_dir:
+            from megapatch.data import MANIFEST_NAME, read_manifest
+
+            if (Path(prep_dir) / MANIFEST_NAME).is_file():
+                candidate = Path(prep_dir) / read_manifest(prep_dir)["tokenizer"]["file"]
+                if candidate.is_file():
+                    return candidate
+        return None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The step directory `path` names: a complete step directory itself, or the latest
+    complete checkpoint of a run directory or of a checkpoints directory."""
+    path = Path(path)
+    expected = "a run directory, its checkpoints directory, or a step_XXXXXXXX checkpoint"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory (expected {expected})")
+    if (path / COMPLETE).is_file():
+        return path
+    if any(path.glob("*model_states.pt")):
+        raise CheckpointError(
+            f"{path}: checkpoint without a {COMPLETE} marker (its save was interrupted); "
+            "use an earlier checkpoint"
+        )
+    checkpoints_dir = _checkpoints_dir_of_run(path) or path
+    manager = CheckpointManager(checkpoints_dir)
+    latest = manager.latest()
+    if latest is None:
+        incomplete = len(manager.incomplete_checkpoints())
+        note = f" ({incomplete} incomplete: saves were interrupted)" if incomplete else ""
+        raise CheckpointError(
+            f"{path}: no complete checkpoint in {checkpoints_dir}{note}; expected {expected}"
+        )
+    return latest.path
+
+
+def _checkpoints_dir_of_run(run_dir: Path) -> Path | None:
+    """The checkpoints directory a run directory's config names (default run_dir/checkpoints)."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        from megapatch.config import load_config
+
+        try:
+            configured = load_config(saved).checkpoint.dir
+        except ConfigError:
+            configured = None
+        if configured and Path(configured).is_dir():
+            return Path(configured)
+    return run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Find (see find_checkpoint) and read a checkpoint into full TP=1 fp32 weights."""
+    step_dir = find_checkpoint(path)
+    meta, rank_states = _read_model_states(step_dir)
+    model_config = _model_config(meta, step_dir)
+    zero_stage = int(meta.get("zero_stage", 0))
+    if zero_stage == 3:
+        state = _gather_zero3(step_dir, meta)
+    else:
+        dims = partition_dims(model_config)
+        state = merge_tensor_parallel_shards([s["module"] for s in rank_states], dims, step_dir)
+    state = {
+        name: (w[: model_config.vocab_size] if name in VOCAB_WEIGHTS else w).float()
+        for name, w in state.items()
+    }
+    run_dir = step_dir.parent.parent if (step_dir.parent.parent / "config.yaml").is_file() else None
+    if run_dir is None and meta.get("config", {}).get("run", {}).get("dir"):
+        configured = Path(meta["config"]["run"]["dir"])
+        run_dir = configured if configured.is_dir() else None
+    progress = meta.get("progress", {})
+    step = int(progress.get("global_step", 0))
+    log.info(
+        "read %s (step %d, TP=%s, ZeRO-%d)",
+        step_dir,
+        step,
+        meta.get("tensor_model_parallel_size"),
+        zero_stage,
+    )
+    return LoadedCheckpoint(step_dir, step, model_config, state, meta, run_dir)
+
+
+def _load(file: Path) -> dict[str, Any]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from exc
+
+
+def _read_model_states(step_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The megapatch client state and each TP rank's model-states dict (ZeRO-3: just rank 0's)."""
+    first = step_dir / "mp_rank_00_model_states.pt"
+    if not first.is_file():
+        first = step_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 names
+    if not first.is_file():
+        raise CheckpointError(
+            f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt); "
+            "not a megapatch checkpoint"
+        )
+    states = _load(first)
+    meta = states.get("megapatch")
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"{first}: no megapatch client state; not written by megapatch")
+    tp = int(meta.get("tensor_model_parallel_size", 1))
+    rank_states = [states]
+    if int(meta.get("zero_stage", 0)) != 3:
+        for rank in range(1, tp):
+            file = step_dir / f"mp_rank_{rank:02d}_model_states.pt"
+            if not file.is_file():
+                raise CheckpointError(f"{step_dir}: saved with TP={tp} but {file.name} is missing")
+            rank_states.append(_load(file))
+    return meta, rank_states
+
+
+def _model_config(meta: dict[str, Any], where: Path) -> GPTConfig:
+    known = {f.name for f in fields(GPTConfig)}
+    saved = meta["model_config"]
+    cfg = GPTConfig(**{k: v for k, v in saved.items() if k in known})
+    # The kernels are chosen for this machine, not the one that trained.
+    cfg.ops_backend = "auto"
+    cfg.activation_checkpointing = False
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: its saved model config is invalid ({exc})") from exc
+    return cfg
+
+
+def partition_dims(cfg: GPTConfig) -> dict[str, int | None]:
+    """Each parameter's TP split dimension (None: replicated), as the model declares it."""
+    with torch.device("meta"):  # shapes and attributes only: no memory, no init cost
+        skeleton = GPT(cfg)
+    return {n: getattr(p, "partition_dim", None) for n, p in skeleton.named_parameters()}
+
+
+def merge_tensor_parallel_shards(
+    shards: list[dict[str, torch.Tensor]], dims: dict[str, int | None], where: Path
+) -> dict[str, torch.Tensor]:
+    """Concatenate each TP-split weight along its partition dimension (in TP rank order)."""
+    names = set(dims)
+    for rank, shard in enumerate(shards):
+        if set(shard) != names:
+            odd = sorted(set(shard) ^ names)[:3]
+            raise CheckpointError(
+                f"{where}: TP rank {rank}'s weights do not match the saved model config "
+                f"(differing names: {', '.join(odd)})"
+            )
+    merged = {}
+    for name, dim in dims.items():
+        parts = [shard[name] for shard in shards]
+        merged[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    return merged
+
+
+def _gather_zero3(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if int(meta.get("tensor_model_parallel_size", 1)) != 1:
+        raise CheckpointError(f"{step_dir}: ZeRO-3 with TP>1 is not a layout megapatch writes")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 prints its progress and bars; keep the command's output its own.
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(
+                str(step_dir.parent), tag=step_dir.name
+            )
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{step_dir}: cannot gather the ZeRO-3 partitions ({exc})") from exc
+    log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
+    precision = meta.get("config", {}).get("train", {}).get("precision", "fp32")
+    dtype = _PRECISION_DTYPES.get(precision)
+    if dtype is not None:
+        state = {name: w.to(dtype) for name, w in state.items()}
+    return dict(state)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy full (TP=1, unpadded) weights into `model`, taking this rank's TP shard of each.
+
+    Every parameter must be present with its full shape; `source` names the weights in
+    the one-line CheckpointError otherwise.
+    """
+    tp = get_tensor_model_parallel_world_size()
+    rank = get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    for name, param in params.items():
+        full = state[name]
+        dim = getattr(param, "partition_dim", None)
+        expected = list(param.shape)
+        if dim is not None:
+            expected[dim] *= tp
+        if name in VOCAB_WEIGHTS:
+            expected[0] = model.cfg.vocab_size  # the model's rows past this are padding
+        if list(full.shape) != expected:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(full.shape)}, the model expects "
+                f"{tuple(expected)}"
+            )
+        if name in VOCAB_WEIGHTS:
+            padding = model.padded_vocab_size - full.shape[0]
+            full = torch.cat([full, full.new_zeros(padding, *full.shape[1:])])
+        if dim is not None:
+            full = full.chunk(tp, dim=dim)[rank]
+        param.copy_(full)
+
+
+def build_model(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> GPT:
+    """A TP=1 GPT holding the checkpoint's weights, in eval mode, for inference."""
+    with torch.device("meta"):
+        model = GPT(ckpt.model_config)
+    model = model.to_empty(device=device)
+    load_full_state_dict(model, ckpt.state_dict, source=str(ckpt.path))
+    return model.eval()

@@ -1,0 +1,117 @@
+"""Real tiny training runs, shared by the export, eval and generate tests.
+
+Two runs of the same config (so the same weights up to float rounding: the batch order
+does not depend on the layout, and TP=n equals TP=1), patch phase then token phase:
+
+- `tp2_run`: TP=2 x DP=2, ZeRO-2 (four processes): TP shards to merge.
+- `zero3_run`: TP=1 x DP=2, ZeRO-3 (two processes): partitioned weights to gather.
+
+Each takes about a minute on two busy cores; everything else here is fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megapatch.cli import main as cli_main
+from tests.data.helpers import synthetic_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+# GQA, a non-default RoPE base and norm epsilon: config.json must carry all of them.
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=64",
+    "model.seq_len=16",
+    "model.rope_theta=500000",
+    "model.norm_eps=1e-6",
+    "train.tokens_per_step=512",
+    "train.total_tokens=3072",  # 4 patch steps (K=4), then 2 token steps
+    "train.micro_batch_size=8",
+    "train.warmup_steps=2",
+    "train.precision=fp32",
+    "checkpoint.interval=0",  # saved at the switch and at the end
+    "eval.interval=0",
+    "eval.max_windows=32",
+    "logging.wandb_mode=disabled",
+    "logging.progress=false",
+    "data.num_workers=0",
+]
+EVAL_WINDOWS = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores; the models are tiny
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*argv: str) -> int:
+    """`megapatch ARGV` in this process; returns the exit code."""
+    return cli_main([str(a) for a in argv])
+
+
+def _prep(texts: Path, out: Path, vocab_size: int) -> Path:
+    code = run_cli(
+        "prep", texts, "--vocab-size", vocab_size, "--valid-fraction", "0.25",
+        "--workers", "1", "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 0, f"megapatch prep failed for {out}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(tmp_path_factory) -> Path:
+    texts = tmp_path_factory.mktemp("texts")
+    for i in range(8):
+        (texts / f"doc{i}.txt").write_text(synthetic_text(i, 1500), encoding="utf-8")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def corpus(corpus_texts, tmp_path_factory) -> Path:
+    """`megapatch prep` output: a 400-piece tokenizer, train and valid splits."""
+    return _prep(corpus_texts, tmp_path_factory.mktemp("prep") / "data", 400)
+
+
+@pytest.fixture(scope="session")
+def other_corpus(corpus_texts, tmp_path_factory) -> Path:
+    """The same texts prepped with a 450-piece tokenizer: the wrong vocabulary."""
+    return _prep(corpus_texts, tmp_path_factory.mktemp("prep450") / "data", 450)
+
+
+def train(corpus: Path, run_dir: Path, *overrides: str, nproc: int) -> Path:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "megapatch", "train", str(REPO / "configs" / "tiny.yaml"), *TINY,
+        f"data.path={corpus}", f"run.dir={run_dir}", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"training {run_dir} failed:\n{done.stderr[-3000:]}"
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tp2_run(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tp2"
+    return train(
+        corpus, run_dir, "parallel.tensor_model_parallel_size=2", "parallel.zero_stage=2", nproc=4
+    )
+
+
+@pytest.fixture(scope="session")
+def zero3_run(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "zero3"
+    return train(corpus, run_dir, "parallel.zero_stage=3", nproc=2)
