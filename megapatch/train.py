@@ -138,7 +138,7 @@ class Trainer:
         }
         k = cfg.patch.size
         if any(p.name == "patch" for p in self.plan.phases):
-            self.valid_windows[k] = eval_windows(valid, k * cfg.model.seq_len + k - 1, max_windows=cfg.eval.max_windows)
+            self.valid_windows[k] = eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows, patch_size=k)
 
         m = cfg.model
         self.model_config = GPTConfig(
@@ -277,7 +277,14 @@ class Trainer:
             phase.name, phase.steps, phase.window, phase.patch_size,
             phase.micro_batch_size, phase.grad_accum, self.dp_size,
         )
-        return iter(PrefetchLoader(sampler, phase.micro_batch_size, self.env.device))
+        self.close_loader()
+        self.loader = PrefetchLoader(sampler, phase.micro_batch_size, self.env.device)
+        return iter(self.loader)
+
+    def close_loader(self) -> None:
+        loader, self.loader = getattr(self, "loader", None), None
+        if loader is not None:
+            loader.close()
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, phase, batches) -> tuple[float, bool, float | None]:
@@ -363,6 +370,7 @@ class Trainer:
         try:
             status = self._loop(bar)
         finally:
+            self.close_loader()
             self.preemption.restore()
             if bar is not None:
                 bar.close()
@@ -429,7 +437,9 @@ class Trainer:
                 if stop:
                     self.save("preemption")
                     return "preempted"
-                if interval and p.global_step % interval == 0:
+                if p.nonfinite_streak:
+                    pass  # never make a state inside a run of non-finite losses the latest checkpoint
+                elif interval and p.global_step % interval == 0:
                     self.save("interval")
                 elif at_phase_end and phase.name == "patch" and cfg.checkpoint.at_switch:
                     self.save("switch")
@@ -509,8 +519,13 @@ def train(cfg: RunConfig) -> RunResult:
     """Run (or resume) training for `cfg` in this process; every rank calls this."""
     env = init_distributed()
     torch.manual_seed(cfg.run.seed)
-    trainer = Trainer(cfg, env)
-    return trainer.run()
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        # Tear down collectives before interpreter exit: a live gloo group aborts the process.
+        parallel.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 __all__ = ["train", "Trainer", "RunResult", "Progress", "NonFiniteLossError"]
