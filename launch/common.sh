@@ -3,6 +3,8 @@
 # PYTHON   the interpreter that has megapatch installed (default: python3, else python)
 
 PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
+# A command prefix for the preflight, e.g. `srun ... --container-image=...` (train.sbatch).
+ON_NODE=()
 
 die() {
     echo "$PROG: error: $*" >&2
@@ -14,7 +16,7 @@ die() {
 # Exits with the preflight's one-line error before anything starts.
 preflight() {
     local out
-    out=$("$PYTHON" "$LAUNCH_DIR/preflight.py" --prog "$PROG" "$@") || exit $?
+    out=$("${ON_NODE[@]}" "$PYTHON" "$LAUNCH_DIR/preflight.py" --prog "$PROG" "$@") || exit $?
     eval "$out"
 }
 

@@ -71,13 +71,21 @@ def _error_lines(log: Path) -> list[str]:
 
 
 def test_sbatch_trains_both_phases_and_checkpoints(slurm, launch_corpus, tmp_path):
+    # Through the container hook, with a stand-in for `apptainer exec --nv IMAGE`.
+    container = tmp_path / "container"
+    container.write_text('#!/bin/bash\necho "in the container: $1 ${2##*/}" >&2\nexec "$@"\n')
+    container.chmod(0o755)
     run_dir = tmp_path / "run"
-    job, log = _submit(slurm, tmp_path, *_run_args(launch_corpus, run_dir))
+    job, log = _submit(
+        slurm, tmp_path, *_run_args(launch_corpus, run_dir), env={"CONTAINER": str(container)}
+    )
     state = slurm.wait(job, timeout=400)
     assert state == "COMPLETED", f"job {job} {state}:\n{_read(log)[-4000:]}"
 
     out = _read(log)
     assert "1 node(s) x 2 rank(s)" in out  # one task per node, 2 ranks from the 2 GPUs
+    assert "in the container: python3 preflight.py" in out  # the config check
+    assert "in the container: env PYTHON=python3" in out  # the node's launcher
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     phases = [phase for _, phase, _ in train_losses(run_dir)]
     assert phases == ["patch"] * 4 + ["token"] * 2
