@@ -195,7 +195,6 @@ class Trainer:
         )
         self.preemption = PreemptionHandler()
         self.metrics: MetricsWriter | None = None
-        self.samplers: dict[str, Any] = {}
         self.peak = (
             peak_flops_per_second(torch.cuda.get_device_name(env.device), cfg.train.precision)
             if env.device.type == "cuda"
@@ -255,15 +254,29 @@ class Trainer:
     # -- phases ---------------------------------------------------------------------------
     def enter_phase(self, index: int, *, switching: bool) -> Any:
         """Shape the engine and data for phase `index`; returns the micro-batch iterator."""
+        phase = self.plan.phases[index]
+        self.shape_engine(phase)
+        if switching and self.cfg.patch.reset_optimizer:
+            cleared = reset_optimizer_state(self.engine)
+            log.info("switch to %s phase: optimizer state reset (%d tensors cleared)", phase.name, cleared)
+        log.info(
+            "%s phase: %d steps, window %d tokens, K=%d, micro-batch %d x accumulation %d x DP %d",
+            phase.name, phase.steps, phase.window, phase.patch_size,
+            phase.micro_batch_size, phase.grad_accum, self.dp_size,
+        )
+        self.close_loader()
+        self.loader = self.open_batches(phase)
+        return iter(self.loader)
+
+    def shape_engine(self, phase) -> None:
+        """DeepSpeed's batch shape for `phase`; the loss scale 1/accumulation follows from it."""
+        self.engine.set_train_micro_batch_size(phase.micro_batch_size)
+        self.engine.set_train_batch_size(phase.micro_batch_size * phase.grad_accum * self.dp_size)
+
+    def open_batches(self, phase):
+        """This rank's micro-batches of `phase`, from the next window the run has not consumed."""
         from megapatch.data import PrefetchLoader, WindowSampler
 
-        phase = self.plan.phases[index]
-        engine = self.engine
-        engine.set_train_micro_batch_size(phase.micro_batch_size)
-        engine.set_train_batch_size(phase.micro_batch_size * phase.grad_accum * self.dp_size)
-        if switching and self.cfg.patch.reset_optimizer:
-            cleared = reset_optimizer_state(engine)
-            log.info("switch to %s phase: optimizer state reset (%d tensors cleared)", phase.name, cleared)
         sampler = WindowSampler(
             self.streams[phase.name],
             global_batch=phase.sequences_per_step,
@@ -271,15 +284,13 @@ class Trainer:
             dp_size=self.dp_size,
         )
         sampler.load_state_dict({"consumed_windows": self.progress.consumed_windows[phase.name]})
-        self.samplers[phase.name] = sampler
-        log.info(
-            "%s phase: %d steps, window %d tokens, K=%d, micro-batch %d x accumulation %d x DP %d",
-            phase.name, phase.steps, phase.window, phase.patch_size,
-            phase.micro_batch_size, phase.grad_accum, self.dp_size,
+        return PrefetchLoader(
+            sampler,
+            phase.micro_batch_size,
+            self.env.device,
+            num_workers=self.cfg.data.num_workers,
+            prefetch=self.cfg.data.prefetch,
         )
-        self.close_loader()
-        self.loader = PrefetchLoader(sampler, phase.micro_batch_size, self.env.device)
-        return iter(self.loader)
 
     def close_loader(self) -> None:
         loader, self.loader = getattr(self, "loader", None), None

@@ -1,0 +1,121 @@
+"""Training throughput per phase, side by side, and a whole patch run against token-only.
+
+Part 1 builds one real DeepSpeed engine (the `megapatch train` code path) and alternates
+optimizer steps of the patch phase and the token phase — same model, same tokens per
+step — so the machine's noise hits both alike. Target: patch tokens/s ≥ 0.9·K × token.
+
+Part 2 (`--full`) trains the config twice through `megapatch train` (K=4, λ=2/3, and
+token-only on the same budget) and compares the training wall time. Target: ≤ 0.55×.
+
+    python bench/train.py --data data/shakespeare [--steps 8] [--full] [--config configs/tiny.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: list[str]) -> dict:
+    import torch
+
+    from megapatch.config import load_config
+    from megapatch.distributed import init_distributed
+    from megapatch.train import Trainer
+
+    run_dir = tempfile.mkdtemp(prefix="bench-train-")
+    cfg = load_config(config, [f"data.path={data}", f"run.dir={run_dir}", "logging.wandb_mode=disabled",
+                               "logging.progress=false", "train.resume=none", *overrides])
+    trainer = Trainer(cfg, init_distributed())
+    patch, token = trainer.plan.phases
+    batches = {p.name: iter(trainer.open_batches(p)) for p in (patch, token)}
+    times: dict[str, list[float]] = {"patch": [], "token": []}
+    for i in range(steps + 1):  # the first round warms up allocators and kernels
+        for phase in (patch, token) if i % 2 == 0 else (token, patch):
+            trainer.shape_engine(phase)
+            t0 = time.perf_counter()
+            trainer.train_step(phase, batches[phase.name])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i > 0:
+                times[phase.name].append(time.perf_counter() - t0)
+    rows = {}
+    for phase in (patch, token):
+        median = statistics.median(times[phase.name])
+        rows[phase.name] = {
+            "K": phase.patch_size,
+            "window": phase.window,
+            "sequences_per_step": phase.sequences_per_step,
+            "micro_batch_x_accum": f"{phase.micro_batch_size}x{phase.grad_accum}",
+            "tokens_per_step": phase.tokens_per_step,
+            "median_step_s": median,
+            "tokens_per_s": phase.tokens_per_step / median,
+        }
+    ratio = rows["patch"]["tokens_per_s"] / rows["token"]["tokens_per_s"]
+    return {"phases": rows, "patch_over_token": ratio, "target": 0.9 * patch.patch_size,
+            "steps_timed": steps, "torch_threads": torch.get_num_threads()}
+
+
+def full_runs(config: str, data: str, overrides: list[str]) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
+        for arm, extra in (("patch", []), ("token", ["patch.fraction=0"])):
+            run_dir = Path(tmp) / arm
+            cmd = [sys.executable, "-m", "megapatch", "train", config, f"data.path={data}", f"run.dir={run_dir}",
+                   "logging.wandb_mode=disabled", "logging.progress=false", "eval.interval=0",
+                   "eval.at_end=false", "checkpoint.interval=0", "checkpoint.at_switch=false", *overrides, *extra]
+            # a fresh world of one: drop the rendezvous variables part 1 set in this process
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+            subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            results[arm] = {"wall_time_s": sum(summary["wall_time_s"].values()), "tokens": sum(summary["tokens"].values()),
+                            "planned_cost_ratio": summary["planned_cost_ratio"]}
+    results["wall_time_ratio"] = results["patch"]["wall_time_s"] / results["token"]["wall_time_s"]
+    results["target"] = 0.55
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--data", default=str(REPO / "data" / "shakespeare"))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per phase")
+    parser.add_argument("--full", action="store_true", help="also train both arms end to end")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for both parts")
+    args = parser.parse_args()
+    if not (Path(args.data) / "manifest.json").is_file():
+        print(f"bench/train.py: {args.data} is not a prep output; run `megapatch prep --sample shakespeare --out {args.data}`")
+        return 2
+
+    result = {"config": args.config, "overrides": args.overrides}
+    result["interleaved"] = inter = interleaved_phase_throughput(args.config, args.data, args.steps, args.overrides)
+    print(f"{'phase':<6} {'K':>2} {'window':>7} {'seq/step':>8} {'mb x acc':>9} {'step (s)':>9} {'tokens/s':>10}")
+    for name, row in inter["phases"].items():
+        print(f"{name:<6} {row['K']:>2} {row['window']:>7} {row['sequences_per_step']:>8} {row['micro_batch_x_accum']:>9} "
+              f"{row['median_step_s']:>9.3f} {row['tokens_per_s']:>10,.0f}")
+    print(f"patch/token tokens/s: {inter['patch_over_token']:.2f}x (target >= {inter['target']:.1f}x)")
+    if args.full:
+        result["full"] = full = full_runs(args.config, args.data, args.overrides)
+        print(f"full run wall time: patch arm {full['patch']['wall_time_s']:.1f}s, token-only {full['token']['wall_time_s']:.1f}s "
+              f"-> {full['wall_time_ratio']:.3f}x (planned FLOPs {full['patch']['planned_cost_ratio']:.3f}x, target <= 0.55x)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
