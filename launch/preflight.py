@@ -45,7 +45,8 @@ class Host:
 
 
 def read_hostfile(path: str) -> list[Host]:
-    """Hosts of a DeepSpeed-style hostfile: `NAME slots=N` per line, `#` comments."""
+    """Hosts of a DeepSpeed-style hostfile: `HOSTNAME slots=N` per line, `#` comments;
+    each host once."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -148,15 +149,6 @@ def count_local_devices() -> tuple[int, str]:
 # --- the launch shape --------------------------------------------------------------------
 
 
-@dataclass
-class Shape:
-    nnodes: int
-    nproc_per_node: int
-    node_rank: int | None
-    master_addr: str | None
-    hosts: list[str]
-
-
 def resolve_shape(
     cfg,
     *,
@@ -243,8 +235,8 @@ def preflight(args: argparse.Namespace) -> dict[str, str]:
         nodes_available = args.nnodes
 
     if hosts and args.ssh:
-        # Each host's slots are its devices; the launcher starts the same count on each.
-        # The hostfile's slots are the GPUs of each host (this machine cannot see them).
+        # The slots are each host's GPUs (this machine cannot see them); the launcher
+        # starts the same number of ranks on every host.
         devices, kind = min(h.slots for h in hosts[:nodes_available]), "GPU"
         where_devices = f"a host of hostfile {args.hostfile} (slots={devices})"
     else:
@@ -263,7 +255,7 @@ def preflight(args: argparse.Namespace) -> dict[str, str]:
     )
     if hosts and not args.ssh and node_rank is None and not in_slurm and nnodes > 1:
         node_rank = this_host_rank(args.hostfile, hosts[:nnodes])
-    if nnodes > 1 and node_rank is None and args.launcher != "slurm" and not args.ssh:
+    if nnodes > 1 and node_rank is None and not in_slurm and not args.ssh:
         raise LaunchError(
             f"{nnodes} nodes need --node_rank (this node's index, 0 to {nnodes - 1}) or a "
             "--hostfile that lists this machine"

@@ -1,10 +1,14 @@
-"""Two "nodes" on this machine, started the way a cluster without ssh starts them (each
-node runs the launcher with its own node rank), train the tiny config with DP=2 and must
-produce the losses of a one-node DP=2 run."""
+"""The launch scripts with real training runs, without a scheduler: two "nodes" on this
+machine, started the way a cluster without ssh starts them (each node runs the launcher
+with its own node rank), must produce the losses of a one-node DP=2 run; and a signal to
+the script must become a checkpoint."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,41 @@ def test_two_nodes_without_ssh_match_one_node(launch_corpus, tmp_path):
         assert "2 node(s) x 1 rank(s) (world 2" in log
         assert f"node_rank={rank}" in log
     assert "node 0 of 1, 2 rank(s) per node (world 2" in (tmp_path / "one-node.log").read_text()
+
+
+def test_sigterm_to_the_launch_script_checkpoints_and_stops(launch_corpus, tmp_path):
+    """Only the script is signalled (as `kill PID` or a scheduler would): it must reach
+    the ranks below torchrun, which checkpoint and exit 0 with status "preempted"."""
+    run_dir = tmp_path / "run"
+    args = [
+        TINY_CONFIG,
+        *TINY_OVERRIDES,
+        f"data.path={launch_corpus}",
+        f"run.dir={run_dir}",
+        "train.total_tokens=98304",
+        "checkpoint.interval=1000",
+    ]  # 192 steps
+    log = tmp_path / "torchrun.log"
+    proc = _start([str(LAUNCH / "torchrun.sh"), "--nproc_per_node", "2", *args], log)
+    try:
+        deadline = time.monotonic() + 300
+        while not _logged_a_step(run_dir):
+            assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "torchrun.sh: received SIGTERM" in log.read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+    (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
+    assert (checkpoint / "COMPLETE").exists()
+    assert int(checkpoint.name.removeprefix("step_")) < 192
+
+
+def _logged_a_step(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and metrics.read_text().count("\n") >= 1
