@@ -223,12 +223,13 @@ def merge_tensor_parallel_shards(
 def _gather_zero3(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     if int(meta.get("tensor_model_parallel_size", 1)) != 1:
         raise CheckpointError(f"{step_dir}: ZeRO-3 with TP>1 is not a layout megapatch writes")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # zero_to_fp32 prints its progress and bars; keep the command's output its own.
+    # DeepSpeed logs to stdout on import and zero_to_fp32 prints its progress and bars:
+    # keep the command's output its own.
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             state = get_fp32_state_dict_from_zero_checkpoint(
                 str(step_dir.parent), tag=step_dir.name
             )

@@ -11,6 +11,7 @@ Each takes about a minute on two busy cores; everything else here is fast.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from megapatch.cli import main as cli_main
+from megapatch.logging_utils import LOGGER_NAME
 from tests.data.helpers import synthetic_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,7 @@ TINY = [
     "eval.max_windows=32",
     "logging.wandb_mode=disabled",
     "logging.progress=false",
-    "data.num_workers=0",
+    "data.num_workers=1",
 ]
 EVAL_WINDOWS = 32
 
@@ -57,9 +59,32 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_cli(*argv: str) -> int:
-    """`megapatch ARGV` in this process; returns the exit code."""
-    return cli_main([str(a) for a in argv])
+def run_cli(*argv) -> int:
+    """`megapatch ARGV` in this process; returns the exit code.
+
+    The CLI attaches a log handler to the stream stderr is at that moment; pytest swaps
+    stderr per test, so the handler is removed again afterwards.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    handlers, propagate = list(logger.handlers), logger.propagate
+    try:
+        return cli_main([str(a) for a in argv])
+    finally:
+        for handler in logger.handlers[len(handlers) :]:
+            logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+@pytest.fixture()
+def cli(capsys):
+    """run_cli after dropping what was printed before (fixture set-up), so a test's
+    capsys holds only the command's own output."""
+
+    def call(*argv) -> int:
+        capsys.readouterr()
+        return run_cli(*argv)
+
+    return call
 
 
 def _prep(texts: Path, out: Path, vocab_size: int) -> Path:
@@ -115,3 +140,13 @@ def tp2_run(corpus, tmp_path_factory) -> Path:
 def zero3_run(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "zero3"
     return train(corpus, run_dir, "parallel.zero_stage=3", nproc=2)
+
+
+def one_error_line(err: str, command: str, *fragments: str) -> str:
+    """The command's error: exactly one line (progress logs may precede it), no traceback."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith(f"megapatch {command}: error:")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

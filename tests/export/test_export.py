@@ -17,7 +17,7 @@ from megapatch.hf import load_hf_into_model, read_hf
 from megapatch.model import GPT
 from tests.data.helpers import synthetic_text
 from tests.distributed import run_distributed
-from tests.export.conftest import run_cli
+from tests.export.conftest import one_error_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,9 @@ def test_round_trip_of_a_patch_then_token_model_is_exact(tp2_run, tp2_export):
         assert torch.equal(model(ids), build_model(ckpt)(ids))
 
 
-def test_the_patch_phase_checkpoint_round_trips_too(tp2_run, tmp_path):
+def test_the_patch_phase_checkpoint_round_trips_too(tp2_run, tmp_path, cli):
     switch = tp2_run / "checkpoints" / "step_00000004"  # saved right before the switch
-    assert run_cli("export", switch, "--out", tmp_path / "hf") == 0
+    assert cli("export", switch, "--out", tmp_path / "hf") == 0
     ckpt = read_checkpoint(switch)
     assert ckpt.meta["progress"]["tokens"]["token"] == 0
     _, state = read_hf(tmp_path / "hf")
@@ -116,10 +116,10 @@ def test_export_reimported_at_tp2_gives_identical_logits(tp2_run, tp2_export):
         assert torch.equal(shard, q_proj.chunk(2, dim=0)[rank])  # each rank its own rows
 
 
-def test_every_layout_exports_the_same_model(tp2_run, zero3_run, tmp_path):
+def test_every_layout_exports_the_same_model(tp2_run, zero3_run, tmp_path, cli):
     """TP=2 x ZeRO-2 and TP=1 x ZeRO-3 trained the same config: merged and gathered
     weights agree up to float rounding (a wrong merge would differ by O(weights))."""
-    assert run_cli("export", zero3_run, "--out", tmp_path / "zero3") == 0
+    assert cli("export", zero3_run, "--out", tmp_path / "zero3") == 0
     _, zero3 = read_hf(tmp_path / "zero3")
     tp2 = read_checkpoint(tp2_run)
     assert read_checkpoint(zero3_run).meta["zero_stage"] == 3
@@ -128,10 +128,10 @@ def test_every_layout_exports_the_same_model(tp2_run, zero3_run, tmp_path):
         torch.testing.assert_close(zero3[name], weight, rtol=0, atol=1e-4, msg=name)
 
 
-def test_sharded_bf16_export_loads_in_transformers(tp2_run, tmp_path):
+def test_sharded_bf16_export_loads_in_transformers(tp2_run, tmp_path, cli):
     out = tmp_path / "hf"
     args = ("--out", out, "--dtype", "bfloat16", "--max-shard-size", "40KB")
-    assert run_cli("export", tp2_run, *args) == 0
+    assert cli("export", tp2_run, *args) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -142,28 +142,26 @@ def test_sharded_bf16_export_loads_in_transformers(tp2_run, tmp_path):
 
 
 # -- bad input --------------------------------------------------------------------------
-def test_export_refuses_a_non_empty_directory_unless_overwrite(tp2_run, tmp_path, capsys):
+def test_export_refuses_a_non_empty_directory_unless_overwrite(tp2_run, tmp_path, capsys, cli):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert run_cli("export", tp2_run, "--out", out) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not empty" in err and "--overwrite" in err
+    assert cli("export", tp2_run, "--out", out) == 2
+    one_error_line(capsys.readouterr().err, "export", "not empty", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    assert run_cli("export", tp2_run, "--out", out, "--overwrite") == 0
+    assert cli("export", tp2_run, "--out", out, "--overwrite") == 0
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary left behind
 
 
 def test_export_with_a_tokenizer_of_another_vocabulary_fails(
-    tp2_run, other_corpus, tmp_path, capsys
+    tp2_run, other_corpus, tmp_path, capsys, cli
 ):
     out = tmp_path / "hf"
     args = ("--out", out, "--tokenizer", other_corpus / "tokenizer.model")
-    assert run_cli("export", tp2_run, *args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "450 pieces" in err and "vocabulary of 400" in err
+    assert cli("export", tp2_run, *args) == 2
+    one_error_line(capsys.readouterr().err, "export", "450 pieces", "vocabulary of 400")
     assert not out.exists()
 
 
