@@ -39,5 +39,9 @@ bench: install-dev
 	$(PY) bench/ops.py
 	$(PY) bench/train.py
 
+repro-tiny: install-dev
+	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
+	$(PY) bench/repro_tiny.py --data $(DATA) --out runs/repro-tiny
+
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache
