@@ -33,10 +33,10 @@ class SlurmUnavailable(RuntimeError):
 
 def install_packages() -> None:
     """apt-get install slurm-wlm and munge unless their binaries are already there."""
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("the test cluster's daemons run as root (SlurmUser=root)")
     if all(shutil.which(b) for b in BINARIES):
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("installing slurm-wlm and munge needs root")
     if not shutil.which("apt-get"):
         raise SlurmUnavailable("slurm-wlm and munge are not installed and apt-get is not available")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -54,6 +54,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpus_slurmd_sees() -> int:
+    """The CPU count slurmd will report (a node configured with more is marked invalid)."""
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True).stdout
+    for item in out.split():
+        if item.startswith("CPUs="):
+            return int(item.removeprefix("CPUs="))
+    return os.cpu_count() or 1
 
 
 def _fake_device(path: Path) -> None:
@@ -130,7 +139,7 @@ class SlurmCluster:
         for path in (root, root / "munge"):
             path.chmod(0o700)
         node = socket.gethostname().split(".")[0]
-        cluster = cls(root=root, node=node, cpus=os.cpu_count() or 1, gpus=gpus)
+        cluster = cls(root=root, node=node, cpus=_cpus_slurmd_sees(), gpus=gpus)
         (root / "slurm.conf").write_text(
             SLURM_CONF.format(
                 root=root,
