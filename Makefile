@@ -27,12 +27,12 @@ quickstart: install
 	$(VENV)/bin/megapatch summary $(RUN)
 
 test: install-dev
-	$(PY) -m ruff check megapatch data_prep tests bench
+	$(PY) -m ruff check megapatch data_prep tests bench launch
 	$(PY) -m pytest -q
 
 lint: install-dev
-	$(PY) -m ruff check megapatch data_prep tests bench
-	$(PY) -m ruff format --check megapatch data_prep tests bench
+	$(PY) -m ruff check megapatch data_prep tests bench launch
+	$(PY) -m ruff format --check megapatch data_prep tests bench launch
 
 bench: install-dev
 	$(PY) bench/data.py
