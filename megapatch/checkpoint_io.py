@@ -290,3 +290,15 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> G
     model = model.to_empty(device=device)
     load_full_state_dict(model, ckpt.state_dict, source=str(ckpt.path))
     return model.eval()
+
+
+__all__ = [
+    "LoadedCheckpoint",
+    "find_checkpoint",
+    "read_checkpoint",
+    "build_model",
+    "load_full_state_dict",
+    "merge_tensor_parallel_shards",
+    "partition_dims",
+    "VOCAB_WEIGHTS",
+]

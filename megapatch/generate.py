@@ -126,3 +126,6 @@ def _sample(
             return
         new_input = token[:, None]  # [1, 1]
         sequence = torch.cat([sequence, new_input], dim=1)
+
+
+__all__ = ["generate", "sample_next_token", "SamplingConfig"]

@@ -404,3 +404,15 @@ def load_hf_into_model(model: GPT, hf_dir: str | os.PathLike) -> None:
         )
     load_full_state_dict(model, state, source=source)
     log.info("initialised the model from %s", hf_dir)
+
+
+__all__ = [
+    "export_hf",
+    "load_hf_into_model",
+    "read_hf",
+    "hf_config",
+    "to_hf_state_dict",
+    "from_hf_state_dict",
+    "check_out_dir",
+    "check_tokenizer_matches",
+]

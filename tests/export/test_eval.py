@@ -16,9 +16,8 @@ from megapatch.checkpoint_io import build_model, read_checkpoint
 from megapatch.data import eval_windows, open_corpus
 from tests.export.conftest import EVAL_WINDOWS, REPO, one_error_line
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["tp2_run", "zero3_run"])
 def test_eval_reproduces_the_engines_final_validation_loss(run, request, tmp_path, capsys, cli):
     """The engine evaluated the TP-sharded (or ZeRO-3 partitioned) model on the same
@@ -35,6 +34,7 @@ def test_eval_reproduces_the_engines_final_validation_loss(run, request, tmp_pat
     assert (result["windows"], result["tokens"]) == (EVAL_WINDOWS, EVAL_WINDOWS * 16)
 
 
+@pytest.mark.slow
 def test_eval_equals_cross_entropy_of_the_full_logits(tp2_run, corpus, cli):
     """Every window of the valid split (the default), against plain F.cross_entropy."""
     assert cli("eval", tp2_run) == 0
@@ -59,7 +59,7 @@ def test_a_directory_without_a_checkpoint_is_one_clear_line(command, tmp_path, c
     one_error_line(capsys.readouterr().err, command, "no complete checkpoint")
 
 
-def test_an_interrupted_checkpoint_is_refused(tp2_run, tmp_path, capsys, cli):
+def test_an_interrupted_checkpoint_is_refused(tmp_path, capsys, cli):
     # A copy of the model states without the COMPLETE marker, as a killed save leaves it.
     step = tmp_path / "step_00000009"
     step.mkdir()
@@ -70,11 +70,13 @@ def test_an_interrupted_checkpoint_is_refused(tp2_run, tmp_path, capsys, cli):
     one_error_line(capsys.readouterr().err, "eval", "no such directory")
 
 
+@pytest.mark.slow
 def test_eval_on_data_of_another_tokenizer_fails(tp2_run, other_corpus, capsys, cli):
     assert cli("eval", tp2_run, "--data", other_corpus) == 2
     one_error_line(capsys.readouterr().err, "eval", "vocabulary of 450", "has 400")
 
 
+@pytest.mark.slow
 def test_the_cli_exits_with_code_2(tmp_path):
     """The real process: one line on stderr, exit status 2."""
     done = subprocess.run(
