@@ -34,11 +34,21 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
     from megapatch.train import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench-train-")
-    cfg = load_config(config, [f"data.path={data}", f"run.dir={run_dir}", "logging.wandb_mode=disabled",
-                               "logging.progress=false", "train.resume=none", *overrides])
+    cfg = load_config(
+        config,
+        [
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "logging.wandb_mode=disabled",
+            "logging.progress=false",
+            "train.resume=none",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg, init_distributed())
     patch, token = trainer.plan.phases
-    batches = {p.name: iter(trainer.open_batches(p)) for p in (patch, token)}
+    loaders = {p.name: trainer.open_batches(p) for p in (patch, token)}
+    batches = {name: iter(loader) for name, loader in loaders.items()}
     times: dict[str, list[float]] = {"patch": [], "token": []}
     for i in range(steps + 1):  # the first round warms up allocators and kernels
         for phase in (patch, token) if i % 2 == 0 else (token, patch):
@@ -49,6 +59,11 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
                 torch.cuda.synchronize()
             if i > 0:
                 times[phase.name].append(time.perf_counter() - t0)
+    for loader in loaders.values():
+        loader.close()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # a live gloo group aborts the interpreter at exit
     rows = {}
     for phase in (patch, token):
         median = statistics.median(times[phase.name])
@@ -62,8 +77,13 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
             "tokens_per_s": phase.tokens_per_step / median,
         }
     ratio = rows["patch"]["tokens_per_s"] / rows["token"]["tokens_per_s"]
-    return {"phases": rows, "patch_over_token": ratio, "target": 0.9 * patch.patch_size,
-            "steps_timed": steps, "torch_threads": torch.get_num_threads()}
+    return {
+        "phases": rows,
+        "patch_over_token": ratio,
+        "target": 0.9 * patch.patch_size,
+        "steps_timed": steps,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def full_runs(config: str, data: str, overrides: list[str]) -> dict:
@@ -71,16 +91,44 @@ def full_runs(config: str, data: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         for arm, extra in (("patch", []), ("token", ["patch.fraction=0"])):
             run_dir = Path(tmp) / arm
-            cmd = [sys.executable, "-m", "megapatch", "train", config, f"data.path={data}", f"run.dir={run_dir}",
-                   "logging.wandb_mode=disabled", "logging.progress=false", "eval.interval=0",
-                   "eval.at_end=false", "checkpoint.interval=0", "checkpoint.at_switch=false", *overrides, *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "megapatch",
+                "train",
+                config,
+                f"data.path={data}",
+                f"run.dir={run_dir}",
+                "logging.wandb_mode=disabled",
+                "logging.progress=false",
+                "eval.interval=0",
+                "eval.at_end=false",
+                "checkpoint.interval=0",
+                "checkpoint.at_switch=false",
+                *overrides,
+                *extra,
+            ]
             # a fresh world of one: drop the rendezvous variables part 1 set in this process
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k
+                not in (
+                    "RANK",
+                    "WORLD_SIZE",
+                    "LOCAL_RANK",
+                    "LOCAL_WORLD_SIZE",
+                    "MASTER_ADDR",
+                    "MASTER_PORT",
+                )
+            }
             subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
             summary = json.loads((run_dir / "summary.json").read_text())
-            results[arm] = {"wall_time_s": sum(summary["wall_time_s"].values()), "tokens": sum(summary["tokens"].values()),
-                            "planned_cost_ratio": summary["planned_cost_ratio"]}
+            results[arm] = {
+                "wall_time_s": sum(summary["wall_time_s"].values()),
+                "tokens": sum(summary["tokens"].values()),
+                "planned_cost_ratio": summary["planned_cost_ratio"],
+            }
     results["wall_time_ratio"] = results["patch"]["wall_time_s"] / results["token"]["wall_time_s"]
     results["target"] = 0.55
     return results
@@ -96,20 +144,32 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides for both parts")
     args = parser.parse_args()
     if not (Path(args.data) / "manifest.json").is_file():
-        print(f"bench/train.py: {args.data} is not a prep output; run `megapatch prep --sample shakespeare --out {args.data}`")
+        print(
+            f"bench/train.py: {args.data} is not a prep output; run `megapatch prep --sample shakespeare --out {args.data}`"
+        )
         return 2
 
     result = {"config": args.config, "overrides": args.overrides}
-    result["interleaved"] = inter = interleaved_phase_throughput(args.config, args.data, args.steps, args.overrides)
-    print(f"{'phase':<6} {'K':>2} {'window':>7} {'seq/step':>8} {'mb x acc':>9} {'step (s)':>9} {'tokens/s':>10}")
+    result["interleaved"] = inter = interleaved_phase_throughput(
+        args.config, args.data, args.steps, args.overrides
+    )
+    print(
+        f"{'phase':<6} {'K':>2} {'window':>7} {'seq/step':>8} {'mb x acc':>9} {'step (s)':>9} {'tokens/s':>10}"
+    )
     for name, row in inter["phases"].items():
-        print(f"{name:<6} {row['K']:>2} {row['window']:>7} {row['sequences_per_step']:>8} {row['micro_batch_x_accum']:>9} "
-              f"{row['median_step_s']:>9.3f} {row['tokens_per_s']:>10,.0f}")
-    print(f"patch/token tokens/s: {inter['patch_over_token']:.2f}x (target >= {inter['target']:.1f}x)")
+        print(
+            f"{name:<6} {row['K']:>2} {row['window']:>7} {row['sequences_per_step']:>8} {row['micro_batch_x_accum']:>9} "
+            f"{row['median_step_s']:>9.3f} {row['tokens_per_s']:>10,.0f}"
+        )
+    print(
+        f"patch/token tokens/s: {inter['patch_over_token']:.2f}x (target >= {inter['target']:.1f}x)"
+    )
     if args.full:
         result["full"] = full = full_runs(args.config, args.data, args.overrides)
-        print(f"full run wall time: patch arm {full['patch']['wall_time_s']:.1f}s, token-only {full['token']['wall_time_s']:.1f}s "
-              f"-> {full['wall_time_ratio']:.3f}x (planned FLOPs {full['patch']['planned_cost_ratio']:.3f}x, target <= 0.55x)")
+        print(
+            f"full run wall time: patch arm {full['patch']['wall_time_s']:.1f}s, token-only {full['token']['wall_time_s']:.1f}s "
+            f"-> {full['wall_time_ratio']:.3f}x (planned FLOPs {full['patch']['planned_cost_ratio']:.3f}x, target <= 0.55x)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
