@@ -46,7 +46,7 @@ def patch_embedding(
     """Mean of the K embedding rows of each patch: ids [..., K], weight [V, D] → [..., D]."""
     check_embedding_inputs("patch_embedding", ids, weight, weight.shape[0])
     impl = _backend_module(resolve_backend(backend, ids, weight))
-    out = impl.patch_embedding(ids.reshape(-1, ids.shape[-1]), weight)  # [M, D]
+    out = impl.patch_embedding(ids.reshape(-1, ids.shape[-1]).long(), weight)  # [M, D]
     return out.reshape(*ids.shape[:-1], weight.shape[1])
 
 
@@ -71,7 +71,7 @@ def vocab_parallel_patch_embedding(
     check_embedding_inputs(op, ids, weight_shard, vocab_total)
     impl = _backend_module(resolve_backend(backend, ids, weight_shard))
     out = impl.patch_embedding(
-        ids.reshape(-1, ids.shape[-1]), weight_shard, vocab_start=vocab_start, group=group
+        ids.reshape(-1, ids.shape[-1]).long(), weight_shard, vocab_start=vocab_start, group=group
     )
     return out.reshape(*ids.shape[:-1], weight_shard.shape[1])
 
@@ -103,7 +103,12 @@ def patch_loss(
     )
     impl = _backend_module(resolve_backend(backend, hidden, weight))
     return impl.patch_loss(
-        hidden, weight, targets, vocab_start=0, vocab_size=vocab_size, ignore_index=ignore_index
+        hidden,
+        weight,
+        targets.long(),
+        vocab_start=0,
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
     )
 
 
@@ -140,7 +145,7 @@ def vocab_parallel_patch_loss(
     return impl.patch_loss(
         hidden,
         weight_shard,
-        targets,
+        targets.long(),
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         ignore_index=ignore_index,

@@ -8,8 +8,8 @@ With a vocab-parallel group the softmax needs every shard's statistics first, so
 forward does one pass (MAX + one packed SUM all-reduce) and the backward recomputes the
 logits chunk by chunk.
 
-patch_embedding gathers with F.embedding_bag (the fastest CPU gather-sum) and writes its
-own backward: K index_add_ calls into an fp32 buffer, no [M·K, D] intermediate.
+patch_embedding is F.embedding_bag for fp32 weights (the fastest CPU gather-mean, forward
+and backward); 16-bit weights take a small fp32-accumulating function instead.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# At most this many fp32 logits alive per chunk (16 MiB); the matmuls stay large enough
-# to run at full speed.
-LOGITS_PER_CHUNK = 1 << 22
+from megapatch.ops._collectives import ReduceFromGroup
+
+# At most this many fp32 logits alive per chunk (32 MiB): large enough that the matmuls
+# run at full speed and the per-chunk update of the [V, D] weight gradient stays rare.
+LOGITS_PER_CHUNK = 1 << 23
 
 # Single-process: compute the gradients during the forward (three matmuls in all) rather
 # than recomputing the logits in backward (four). bench/ops.py measures both.
@@ -38,55 +40,56 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- embedding
 
 
-class _PatchEmbedding(torch.autograd.Function):
+class _LowPrecisionPatchEmbedding(torch.autograd.Function):
+    """Gather-mean whose sums run in fp32: F.embedding_bag accumulates in the weight dtype,
+    and its bf16 backward adds every duplicate id's gradient in bf16."""
+
     @staticmethod
     def forward(ctx, ids, weight, vocab_start, group):
         k = ids.shape[1]
         local = ids - vocab_start  # [M, K]
         in_shard = (local >= 0) & (local < weight.shape[0])
-        sharded = group is not None
-        if sharded:
-            # Out-of-shard ids point at a spare row (index V_shard) that backward drops.
-            local = torch.where(in_shard, local, weight.shape[0])
-        if weight.dtype == torch.float32 and not sharded:
-            out = F.embedding_bag(local, weight, mode="mean")  # [M, D]
-        elif weight.dtype == torch.float32:
-            scale = in_shard.to(weight.dtype) / k
-            out = F.embedding_bag(
-                local.clamp(max=weight.shape[0] - 1), weight, mode="sum", per_sample_weights=scale
-            )
-        else:  # low precision: sum the K rows in fp32
-            out = torch.zeros(
-                ids.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device
-            )
-            for j in range(k):
-                rows = weight.index_select(0, local[:, j].clamp(max=weight.shape[0] - 1)).float()
-                out.add_(rows * in_shard[:, j, None] if sharded else rows)
-            out = out.div_(k).to(weight.dtype)
-        if sharded:
+        # Out-of-shard ids point at a spare row (index V_shard) that backward drops.
+        local = torch.where(in_shard, local, weight.shape[0])
+        out = torch.zeros(ids.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device)
+        for j in range(k):
+            rows = weight.index_select(0, local[:, j].clamp(max=weight.shape[0] - 1))
+            out.add_(rows.float() * in_shard[:, j, None])
+        out.div_(k)
+        if group is not None:
             dist.all_reduce(out, group=group)
         ctx.save_for_backward(local)
         ctx.shape = (weight.shape[0], weight.dtype)
-        return out
+        return out.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (local,) = ctx.saved_tensors  # [M, K]
         vocab_shard, dtype = ctx.shape
-        k = local.shape[1]
-        grad_out = _fp32(grad_out).contiguous() / k  # [M, D]
-        # One spare row catches out-of-shard ids of the vocab-parallel form.
+        grad_out = grad_out.float() / local.shape[1]  # [M, D]
         grad_weight = torch.zeros(
             vocab_shard + 1, grad_out.shape[1], dtype=torch.float32, device=grad_out.device
         )
-        for j in range(k):
+        for j in range(local.shape[1]):  # K index_add_ calls: no [M·K, D] intermediate
             grad_weight.index_add_(0, local[:, j], grad_out)
         return None, grad_weight[:vocab_shard].to(dtype), None, None
 
 
 def patch_embedding(ids, weight, *, vocab_start=0, group=None):
     """ids [M, K] (global), weight [V_shard, D] → [M, D], mean of the K rows."""
-    return _PatchEmbedding.apply(ids, weight, vocab_start, group)
+    if weight.dtype != torch.float32:
+        return _LowPrecisionPatchEmbedding.apply(ids, weight, vocab_start, group)
+    # fp32: F.embedding_bag is the fastest gather-mean on CPU, forward and backward
+    # (bench/ops.py); writing our own only lost time.
+    if group is None:
+        return F.embedding_bag(ids, weight, mode="mean")
+    local = ids - vocab_start
+    in_shard = (local >= 0) & (local < weight.shape[0])
+    scale = in_shard.to(weight.dtype) / ids.shape[1]  # divide by K, not by the in-shard count
+    out = F.embedding_bag(
+        torch.where(in_shard, local, 0), weight, mode="sum", per_sample_weights=scale
+    )
+    return ReduceFromGroup.apply(out, group)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -187,8 +190,13 @@ class _PatchLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h_dtype, w_dtype = ctx.dtypes
         if ctx.fused:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "patch_loss (torch backend) computes its gradients during the forward and "
+                    "hands them out once; backward through it twice is not supported"
+                )
             grad_h, grad_w = ctx.grads
-            ctx.grads = None
+            ctx.grads = None  # free them as soon as autograd has them
             g = grad_loss.float()
             grad_h = None if grad_h is None else grad_h.mul_(g).to(h_dtype)
             grad_w = None if grad_w is None else grad_w.mul_(g).to(w_dtype)
@@ -199,7 +207,11 @@ class _PatchLoss(torch.autograd.Function):
         n = hidden.shape[0]
         w32 = _fp32(weight)
         scale = grad_loss.float() / tg.total
-        grad_h = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        grad_h = (
+            torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+            if need_h
+            else None
+        )
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
@@ -210,14 +222,15 @@ class _PatchLoss(torch.autograd.Function):
             z = _chunk_logits(h, w32, ctx.real_cols)
             z.sub_(lse[rows, None]).exp_()  # softmax from the global logsumexp
             g = _turn_into_grad(z, tg, rows, scale)
-            torch.mm(g, w32, out=grad_h[rows])
+            if need_h:
+                torch.mm(g, w32, out=grad_h[rows])
             if need_w:
                 grad_w.addmm_(g.t(), h)
             del z
-        if ctx.group is not None:
+        if need_h and ctx.group is not None:
             # hidden is replicated: its gradient is the sum of every shard's part.
             dist.all_reduce(grad_h, group=ctx.group)
-        grad_h = grad_h.to(h_dtype) if need_h else None
+        grad_h = None if grad_h is None else grad_h.to(h_dtype)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 

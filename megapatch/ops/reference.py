@@ -10,34 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; sum the gradient over the group backward (the input is replicated)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """Sum over the group forward; identity backward (the output is replicated)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+from megapatch.ops._collectives import CopyToGroup, ReduceFromGroup
 
 
 def patch_embedding(ids, weight, *, vocab_start=0, group=None):
@@ -48,7 +21,7 @@ def patch_embedding(ids, weight, *, vocab_start=0, group=None):
     rows = weight.float()[local.clamp(0, weight.shape[0] - 1)]  # [M, K, D]
     out = (rows * in_shard.unsqueeze(-1)).sum(-2) / k  # [M, D]
     if group is not None:
-        out = _ReduceFromGroup.apply(out, group)
+        out = ReduceFromGroup.apply(out, group)
     return out.to(weight.dtype)
 
 
@@ -57,7 +30,7 @@ def patch_loss(
 ):
     """Mean over non-ignored targets of logsumexp(z) − z[y], z = h·Wᵀ in fp32."""
     if group is not None:
-        hidden = _CopyToGroup.apply(hidden, group)
+        hidden = CopyToGroup.apply(hidden, group)
     logits = hidden.float() @ weight.float().t()  # [N, V_shard]
     real_cols = min(max(vocab_size - vocab_start, 0), weight.shape[0])
     logits[:, real_cols:] = float("-inf")  # padding rows get no probability mass
@@ -74,7 +47,7 @@ def patch_loss(
     target_sum = torch.where(in_shard, target_logits, 0.0).sum(dim=1)  # [N]
 
     if group is not None:
-        packed = _ReduceFromGroup.apply(torch.stack([sum_exp, target_sum]), group)
+        packed = ReduceFromGroup.apply(torch.stack([sum_exp, target_sum]), group)
         sum_exp, target_sum = packed[0], packed[1]
     lse = row_max + torch.log(sum_exp)  # [N]
     counts = kept.sum(dim=1)  # [N]

@@ -25,6 +25,7 @@ def loss_errors(
     )
     if k == 4:
         targets[0] = torch.tensor([0, v - 1 if vocab_size is None else vocab_size - 1, 0, 0])
+    saved = chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD
     if chunk_rows is not None:  # force many ragged chunks through the torch backend
         chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD = v * chunk_rows, fuse
     try:
@@ -33,7 +34,7 @@ def loss_errors(
         loss = patch_loss(h, w, targets, vocab_size=vocab_size, backend=backend)
         loss.backward()
     finally:
-        chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD = 1 << 22, True
+        chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD = saved
     assert loss.dtype == torch.float32 and loss.dim() == 0
     return {
         "loss": abs(loss.item() - want.item()) / abs(want.item()),
