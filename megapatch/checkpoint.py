@@ -12,14 +12,22 @@ Layout of a checkpoint directory::
 A checkpoint without COMPLETE is never loaded (a kill mid-save leaves one behind) and
 is removed when a run resumes. A tag is never written over: saving a step that already
 has a complete checkpoint is a no-op, so a failed save cannot damage a good one.
+
+A write that fails (disk full, read-only, permissions) is recorded rather than raised on
+the rank that hit it, so every rank still walks through DeepSpeed's barriers; the ranks
+then agree, the partial directory is removed, and every rank raises the same
+CheckpointWriteError naming the directory and the cause. `latest` and the earlier
+checkpoints are never touched by a failed save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,10 @@ log = get_logger("checkpoint")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; nothing of it was kept and earlier ones are intact."""
 
 
 def tag_for_step(step: int) -> str:
@@ -59,6 +71,108 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _describe(exc: BaseException) -> str:
+    """'No space left on device: /ckpt/step_00000006/x.pt' from a failed write."""
+    # torch.save's zip writer replaces the OSError of a failed write by its own RuntimeError
+    # ("unexpected pos ..."), raised while the OSError is handled: find the OSError.
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return f"write failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+    reason = cause.strerror or str(cause) or type(cause).__name__
+    return f"{reason}: {cause.filename}" if cause.filename else reason
+
+
+def _attempt(write: Callable[[], object]) -> str | None:
+    """Run a write; None if it worked, else what went wrong (one line)."""
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's report of a failed write
+        return _describe(exc)
+    return None
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error, on every rank (None if no rank failed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"rank {_rank()}: {error}")
+    return next((e for e in errors if e is not None), None)
+
+
+def _from_rank0(value):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _GuardedWrites:
+    """DeepSpeed's checkpoint engine for one save, with failed writes recorded, not raised.
+
+    An exception on one rank inside `save_checkpoint` would skip DeepSpeed's barriers there
+    and leave the other ranks waiting; recording it keeps every rank in step so they can
+    agree on the outcome afterwards. Once a write failed, later ones are skipped (the
+    checkpoint is lost anyway and the disk may be full).
+    """
+
+    def __init__(self, inner, step: int):
+        self.inner, self.step = inner, step
+        self.error: str | None = None
+
+    def run(self, path, write: Callable[[], object]) -> None:
+        if self.error is None:
+            self.error = _attempt(lambda: (faults.check_write(path, self.step), write()))
+
+    def makedirs(self, path, exist_ok=False):
+        self.run(path, lambda: self.inner.makedirs(path, exist_ok=exist_ok))
+
+    def save(self, state_dict, path):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
+
+        def write():
+            if isinstance(self.inner, TorchCheckpointEngine):
+                # Through a Python file object a failed write raises OSError (ENOSPC, EIO);
+                # torch.save to a path reports only an opaque RuntimeError.
+                with open(path, "wb") as f:
+                    self.inner.save(state_dict, f)
+            else:
+                self.inner.save(state_dict, path)
+
+        self.run(path, write)
+        faults.maybe_kill_in_save(self.step)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def _guarded_writes(engine, step: int) -> Iterator[_GuardedWrites]:
+    guard = _GuardedWrites(engine.checkpoint_engine, step)
+    engine.checkpoint_engine = guard
+    # Rank 0 also copies DeepSpeed's zero_to_fp32 scripts next to the checkpoints with a
+    # plain copyfile, outside the checkpoint engine: guard that write the same way.
+    copy_scripts = getattr(type(engine), "_copy_recovery_script", None)
+    if copy_scripts is not None:
+        engine._copy_recovery_script = lambda save_path: guard.run(
+            save_path, lambda: copy_scripts(engine, save_path)
+        )
+    try:
+        yield guard
+    finally:
+        engine.checkpoint_engine = guard.inner
+        engine.__dict__.pop("_copy_recovery_script", None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,7 +223,8 @@ class CheckpointManager:
         if not self.dir.is_dir():
             return []
         return sorted(
-            c for c in self.dir.iterdir()
+            c
+            for c in self.dir.iterdir()
             if TAG_PATTERN.match(c.name) and c.is_dir() and not (c / COMPLETE).is_file()
         )
 
@@ -122,7 +237,11 @@ class CheckpointManager:
             for c in complete:
                 if c.tag == tag:
                     return c
-            log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one", latest_file, tag)
+            log.warning(
+                "%s names %r, which is not a complete checkpoint; using the newest complete one",
+                latest_file,
+                tag,
+            )
         return complete[-1] if complete else None
 
     def remove_incomplete(self) -> None:
@@ -134,44 +253,107 @@ class CheckpointManager:
         _barrier()
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Save a complete checkpoint for `step`; returns its directory."""
+    def check_writable(self) -> None:
+        """Fail before training when the directory cannot take a checkpoint (read-only, no
+        permission), rather than at the first save hours later."""
+        error = None
+        if _is_rank0():
+
+            def probe():
+                faults.check_write(self.dir, None)
+                self.dir.mkdir(parents=True, exist_ok=True)
+                probe_file = self.dir / f".write_test.{os.getpid()}"
+                with open(probe_file, "w") as f:
+                    f.write("ok\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                probe_file.unlink()
+
+            error = _attempt(probe)
+        error = _from_rank0(error)
+        if error:
+            raise CheckpointError(
+                f"checkpoint directory {self.dir} is not writable ({error}); make it writable or "
+                "set checkpoint.dir to a writable directory (nothing was trained)"
+            )
+
+    def save(
+        self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]
+    ) -> Path:
+        """Save a complete checkpoint for `step`; returns its directory.
+
+        Raises CheckpointWriteError on every rank if any rank could not write its part.
+        """
         tag = tag_for_step(step)
         path = self.dir / tag
         # Every rank must agree on whether to save: rank 0 decides from the filesystem.
-        exists = torch.tensor([1 if (path / COMPLETE).is_file() else 0])
-        if dist.is_initialized():
-            dist.broadcast(exists, src=0)
-        if exists.item():
+        if _from_rank0((path / COMPLETE).is_file()):
             log.info("checkpoint %s already complete; not written again", path)
             return path
-        try:
-            if _is_rank0():
+        error = None
+        if _is_rank0():
+
+            def prepare():
+                faults.check_write(path, step)
                 if path.exists():  # an interrupted earlier attempt at this step
                     shutil.rmtree(path)
                 self.dir.mkdir(parents=True, exist_ok=True)
-            _barrier()
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-            rank_dir = path / "megapatch"
-            rank_dir.mkdir(parents=True, exist_ok=True)
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            tmp = rank_dir / f".rank_{rank:05d}.pt.tmp"
-            torch.save({"rng": rng_state(), **rank_state}, tmp)
-            os.replace(tmp, rank_dir / f"rank_{rank:05d}.pt")
-            faults.maybe_kill_in_save(step)
-        except OSError as exc:
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                f"earlier checkpoints are untouched (latest: {self._latest_tag_text()})"
-            ) from exc
+
+            error = _attempt(prepare)
         _barrier()
+        with _guarded_writes(engine, step) as guard:
+            engine.save_checkpoint(
+                str(self.dir), tag=tag, client_state=client_state, save_latest=False
+            )
+        error = error or guard.error
+        if error is None:
+            error = _attempt(lambda: self._write_rank_state(path, step, rank_state))
+        faults.maybe_kill_in_save(step)
+        self._raise_if_failed(path, _first_error(error))
+
+        # Every rank's part is on disk: mark it complete, then make it the latest.
+        error = None
         if _is_rank0():
-            _atomic_write_text(path / COMPLETE, f"{step}\n")
-            _atomic_write_text(self.dir / LATEST, tag + "\n")
+            error = _attempt(lambda: self._mark_complete(path, step))
+        self._raise_if_failed(path, _from_rank0(error))
+        if _is_rank0():
             self._prune(keep=tag)
         _barrier()
         log.info("saved checkpoint %s", path)
         return path
+
+    def _write_rank_state(self, path: Path, step: int, rank_state: dict[str, Any]) -> None:
+        rank_dir = path / "megapatch"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        rank = _rank()
+        tmp = rank_dir / f".rank_{rank:05d}.pt.tmp"
+        faults.check_write(tmp, step)
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError (see _GuardedWrites)
+            torch.save({"rng": rng_state(), **rank_state}, f)
+        os.replace(tmp, rank_dir / f"rank_{rank:05d}.pt")
+
+    def _mark_complete(self, path: Path, step: int) -> None:
+        faults.check_write(path / COMPLETE, step)
+        _atomic_write_text(path / COMPLETE, f"{step}\n")
+        try:
+            _atomic_write_text(self.dir / LATEST, path.name + "\n")
+        except OSError:
+            # `latest` would still name an older checkpoint than this complete one:
+            # withdraw COMPLETE so the two never disagree.
+            (path / COMPLETE).unlink(missing_ok=True)
+            raise
+
+    def _raise_if_failed(self, path: Path, error: str | None) -> None:
+        """Called by every rank with the same `error`: on failure drop the partial checkpoint."""
+        if error is None:
+            return
+        if _is_rank0():
+            shutil.rmtree(path, ignore_errors=True)  # give back what the partial save took
+        _barrier()
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path} ({error}); earlier checkpoints are untouched "
+            f"(latest: {self._latest_tag_text()})"
+        )
 
     def _latest_tag_text(self) -> str:
         latest = self.latest()
@@ -188,7 +370,9 @@ class CheckpointManager:
                 shutil.rmtree(c.path, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------
-    def load(self, engine, checkpoint: CheckpointInfo, load_optimizer: bool = True) -> tuple[dict, dict]:
+    def load(
+        self, engine, checkpoint: CheckpointInfo, load_optimizer: bool = True
+    ) -> tuple[dict, dict]:
         """Load weights/optimizer into `engine`; returns (client_state, this rank's state)."""
         try:
             _, client_state = engine.load_checkpoint(
@@ -212,5 +396,7 @@ class CheckpointManager:
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
             set_rng_state(rank_state["rng"])
         else:
-            log.warning("%s missing (different world size?); RNG not restored on rank %d", rank_file, rank)
+            log.warning(
+                "%s missing (different world size?); RNG not restored on rank %d", rank_file, rank
+            )
         return client_state, rank_state

@@ -3,18 +3,34 @@
 torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; `srun`
 sets SLURM_* (the sbatch script exports MASTER_ADDR/MASTER_PORT); a plain process
 sets nothing and becomes a world of one.
+
+Every collective is bounded by one timeout (MEGAPATCH_COLLECTIVE_TIMEOUT_S, default 600 s):
+when a rank dies or hangs, the others fail within it instead of waiting forever, and
+`rank_failures_reported` turns that failure into one clear line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import re
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megapatch.errors import ConfigError
+from megapatch.errors import ConfigError, MegapatchError
+
+TIMEOUT_ENV = "MEGAPATCH_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+_timeout_s = DEFAULT_TIMEOUT_S  # the bound the process group was started with
+
+
+class RankFailureError(MegapatchError):
+    """A collective failed: another rank died or stopped responding."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,9 @@ def _adopt_slurm_env() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    os.environ.setdefault(
+        "LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    )
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError(
             "started by srun but MASTER_ADDR is not set: export MASTER_ADDR (first host of "
@@ -49,12 +67,45 @@ def _adopt_slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistEnv:
-    """Initialise torch.distributed (via DeepSpeed) for whatever launched us; idempotent."""
-    import datetime
+def collective_timeout_s() -> float:
+    """The collective timeout from MEGAPATCH_COLLECTIVE_TIMEOUT_S (seconds), else 600."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return seconds
 
+
+def set_collective_timeout(seconds: float) -> None:
+    """Bound the collectives of groups made from now on (and name the bound in errors).
+
+    Groups made with new_group (TP/DP, DeepSpeed's own) take torch's 30-minute default,
+    not the world group's timeout: make them inherit ours, so a dead or hung peer fails
+    every collective within the same bound.
+    """
+    global _timeout_s
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, timeout)
+    _timeout_s = seconds
+
+
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
+    """Initialise torch.distributed (via DeepSpeed) for whatever launched us; idempotent.
+
+    `timeout_s` bounds every collective (None: MEGAPATCH_COLLECTIVE_TIMEOUT_S, else 600 s).
+    """
     import deepspeed
 
+    timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
     _adopt_slurm_env()
     if "RANK" not in os.environ:  # a plain single process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -73,11 +124,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        set_collective_timeout(timeout_s)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -95,3 +144,35 @@ def all_ranks_agree(flag: bool, device: torch.device | None = None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device or "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a failed collective (a peer gone or too slow), not a bug here."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text)
+
+
+def _cause(exc: BaseException) -> str:
+    """'Connection closed by peer [127.0.0.1]:4242' from gloo's '[.../pair.cc:553] Connection
+    closed by peer [127.0.0.1]:4242. This is typically caused by ...'."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def rank_failures_reported(where: Callable[[], str]) -> Iterator[None]:
+    """Turn a failed collective into RankFailureError: one line naming this rank, the cause,
+    the timeout and `where()` (e.g. the step and the checkpoint to restart from)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(exc)):
+            raise
+        raise RankFailureError(
+            f"rank {dist.get_rank()} lost contact with the other ranks ({_cause(exc)}): another rank "
+            f"died, or stopped responding for longer than the collective timeout of {_timeout_s:g} s "
+            f"({TIMEOUT_ENV}); stopped {where()}"
+        ) from exc

@@ -28,7 +28,9 @@ class PreemptionHandler:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+            log.warning(
+                "received %s: will checkpoint and stop after this step", signal.Signals(signum).name
+            )
         self.received = signum
 
     @property

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from megapatch import faults, parallel
-from megapatch.checkpoint import CheckpointManager
-from megapatch.config import RunConfig, load_config, resolve_vocab_size, validate_for_world
-from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed
-from megapatch.errors import CheckpointError, ConfigError, MegapatchError
+from megapatch.checkpoint import CheckpointManager, CheckpointWriteError
+from megapatch.config import RunConfig, resolve_vocab_size, validate_for_world
+from megapatch.distributed import DistEnv, all_ranks_agree, init_distributed, rank_failures_reported
+from megapatch.errors import MegapatchError
 from megapatch.evaluate import perplexity, windowed_loss
 from megapatch.logging_utils import get_logger
 from megapatch.metrics import MetricsWriter, Throughput, peak_flops_per_second
@@ -36,6 +36,8 @@ from megapatch.optimizer import (
     skips_nonfinite_steps,
 )
 from megapatch.preemption import PreemptionHandler
+from megapatch.resume import check_resumable, check_run_dir, checkpoint_to_resume, read_client_state
+from megapatch.run_data import VocabCheckedSampler, phase_streams, validation_windows
 
 log = get_logger("train")
 
@@ -73,30 +75,9 @@ class NonFiniteLossError(MegapatchError):
     """Too many consecutive non-finite losses: the run stops with its last good checkpoint."""
 
 
-def _check_run_dir(cfg: RunConfig, run_dir: Path, ckpt: CheckpointManager) -> None:
-    """Refuse to mix runs: a run dir belongs to one config identity."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        try:
-            previous = load_config(saved)
-        except ConfigError as exc:
-            raise ConfigError(f"{saved} is not a readable megapatch config ({exc}); choose another run.dir") from exc
-        if previous.config_hash() != cfg.config_hash():
-            diff = "; ".join(cfg.identity_diff(previous)[:3])
-            raise ConfigError(
-                f"run.dir {run_dir} belongs to a different run (config hash {previous.config_hash()} "
-                f"vs {cfg.config_hash()}: {diff}); choose another run.dir"
-            )
-    if cfg.train.resume == "none" and ckpt.complete_checkpoints():
-        raise ConfigError(
-            f"run.dir {run_dir} already has checkpoints in {ckpt.dir}: pass train.resume=auto to "
-            "continue that run, or choose another run.dir (nothing was overwritten)"
-        )
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv):
-        from megapatch.data import build_phase_streams, eval_windows, open_corpus
+        from megapatch.data import open_corpus
         from megapatch.model import GPT, GPTConfig
 
         self.cfg, self.env = cfg, env
@@ -119,26 +100,12 @@ class Trainer:
 
         self.run_dir = Path(cfg.run.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last or 0)
-        _check_run_dir(cfg, self.run_dir, self.ckpt)
+        check_run_dir(cfg, self.run_dir, self.ckpt)
+        self.ckpt.check_writable()
+        self.failed_saves = 0
 
-        # One seeded stream per phase over disjoint tokens.
-        patch_tokens = sum(p.tokens for p in self.plan.phases if p.name == "patch")
-        total = sum(p.tokens for p in self.plan.phases)
-        self.streams = build_phase_streams(
-            self.corpus,
-            total_tokens=total,
-            patch_fraction=patch_tokens / total,
-            patch_size=cfg.patch.size,
-            seq_len=cfg.model.seq_len,
-            seed=cfg.data.seed,
-        )
-        valid = open_corpus(cfg.valid_data, split="valid")
-        self.valid_windows = {
-            1: eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows),
-        }
-        k = cfg.patch.size
-        if any(p.name == "patch" for p in self.plan.phases):
-            self.valid_windows[k] = eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows, patch_size=k)
+        self.streams = phase_streams(cfg, self.plan, self.corpus)
+        self.valid_windows = validation_windows(cfg, self.plan)
 
         m = cfg.model
         self.model_config = GPTConfig(
@@ -202,51 +169,63 @@ class Trainer:
         )
 
     # -- state ----------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it (the model, the
+        data's tokenizer, the config identity, the parallel layout)."""
+        return {
+            "config_hash": self.cfg.config_hash(),
+            "model_config": dataclasses.asdict(self.model_config),
+            "tokenizer_sha256": self.corpus.tokenizer_sha256,
+            "tensor_model_parallel_size": self.cfg.parallel.tensor_model_parallel_size,
+            "zero_stage": self.cfg.parallel.zero_stage,
+            "data_parallel_size": self.dp_size,
+        }
+
     def _client_state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond weights: where the run is, and what model it holds
         (so eval/export can rebuild it without the original config or data)."""
         return {
             "megapatch": {
                 "progress": self.progress.state_dict(),
-                "config_hash": self.cfg.config_hash(),
                 "config": self.cfg.to_dict(),
-                "model_config": dataclasses.asdict(self.model_config),
-                "tensor_model_parallel_size": self.cfg.parallel.tensor_model_parallel_size,
-                "zero_stage": self.cfg.parallel.zero_stage,
-                "data_parallel_size": self.dp_size,
+                **self._identity(),
             }
         }
 
-    def save(self, reason: str) -> None:
-        path = self.ckpt.save(self.engine, self.progress.global_step, self._client_state(), rank_state={})
-        log.info("checkpoint (%s) at step %d: %s", reason, self.progress.global_step, path)
+    def save(self, reason: str, *, final: bool = False) -> None:
+        """Checkpoint now. A periodic save that fails is logged loudly and retried at the next
+        save point: training goes on, its state still in memory. A failed `final` save (end,
+        max_steps, preemption) stops the run with the error: nothing later could save it."""
+        step = self.progress.global_step
+        try:
+            path = self.ckpt.save(self.engine, step, self._client_state(), rank_state={})
+        except CheckpointWriteError as exc:
+            self.failed_saves += 1
+            latest = self.ckpt.latest()
+            since = latest.tag if latest else "the start of the run"
+            if final:
+                raise CheckpointWriteError(
+                    f"{exc}; this was the {reason} checkpoint, so training since {since} is lost: "
+                    f"free space in (or fix) {self.ckpt.dir}, then rerun with train.resume=auto"
+                ) from None
+            log.error(
+                "%s; training goes on and the next save point retries (until one succeeds, "
+                "training since %s exists only in memory)",
+                exc,
+                since,
+            )
+            return
+        log.info("checkpoint (%s) at step %d: %s", reason, step, path)
 
     def maybe_resume(self) -> int | None:
-        resume = self.cfg.train.resume
-        if resume == "none":
+        info = checkpoint_to_resume(self.cfg, self.ckpt)
+        if info is None:
             return None
-        if resume == "auto":
-            self.ckpt.remove_incomplete()
-            info = self.ckpt.latest()
-            if info is None:
-                log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.ckpt.dir)
-                return None
-        else:
-            from megapatch.checkpoint import CheckpointInfo
-
-            path = Path(resume)
-            if not (path / "COMPLETE").is_file():
-                raise CheckpointError(f"train.resume={resume}: not a complete megapatch checkpoint directory")
-            info = CheckpointInfo(path.name, int(path.name.split("_")[-1]), path)
+        # Check what the checkpoint holds before DeepSpeed reads it: its own errors for a
+        # mismatch are a shape deep inside the optimizer state.
+        check_resumable(info.path, read_client_state(info.path), self._identity())
         client_state, _ = self.ckpt.load(self.engine, info)
-        state = client_state.get("megapatch")
-        if state is None:
-            raise CheckpointError(f"{info.path} was not written by megapatch (no megapatch client state)")
-        if state["config_hash"] != self.cfg.config_hash():
-            raise CheckpointError(
-                f"{info.path} belongs to a run with config hash {state['config_hash']}, "
-                f"this config's is {self.cfg.config_hash()}; choose another run.dir or checkpoint"
-            )
+        state = client_state["megapatch"]
         self.progress = Progress.from_state_dict(state["progress"])
         log.info("resumed from %s at step %d", info.path, self.progress.global_step)
         return self.progress.global_step
@@ -258,11 +237,20 @@ class Trainer:
         self.shape_engine(phase)
         if switching and self.cfg.patch.reset_optimizer:
             cleared = reset_optimizer_state(self.engine)
-            log.info("switch to %s phase: optimizer state reset (%d tensors cleared)", phase.name, cleared)
+            log.info(
+                "switch to %s phase: optimizer state reset (%d tensors cleared)",
+                phase.name,
+                cleared,
+            )
         log.info(
             "%s phase: %d steps, window %d tokens, K=%d, micro-batch %d x accumulation %d x DP %d",
-            phase.name, phase.steps, phase.window, phase.patch_size,
-            phase.micro_batch_size, phase.grad_accum, self.dp_size,
+            phase.name,
+            phase.steps,
+            phase.window,
+            phase.patch_size,
+            phase.micro_batch_size,
+            phase.grad_accum,
+            self.dp_size,
         )
         self.close_loader()
         self.loader = self.open_batches(phase)
@@ -275,10 +263,11 @@ class Trainer:
 
     def open_batches(self, phase):
         """This rank's micro-batches of `phase`, from the next window the run has not consumed."""
-        from megapatch.data import PrefetchLoader, WindowSampler
+        from megapatch.data import PrefetchLoader
 
-        sampler = WindowSampler(
+        sampler = VocabCheckedSampler(
             self.streams[phase.name],
+            vocab_size=self.corpus.vocab_size,
             global_batch=phase.sequences_per_step,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
@@ -357,6 +346,18 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        # A collective that fails (another rank died or hung) ends the run with one clear line.
+        with rank_failures_reported(self._where):
+            return self._run()
+
+    def _where(self) -> str:
+        latest = self.ckpt.latest()
+        return (
+            f"after step {self.progress.global_step}; the last complete checkpoint is "
+            f"{latest.path if latest else 'none'}: restart the job with train.resume=auto"
+        )
+
+    def _run(self) -> RunResult:
         cfg = self.cfg
         resumed_at = self.maybe_resume()
         if self.is_rank0:
@@ -396,7 +397,12 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.plan.steps_to_run, initial=self.progress.global_step, unit="step", dynamic_ncols=True)
+        return tqdm(
+            total=self.plan.steps_to_run,
+            initial=self.progress.global_step,
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def _loop(self, bar) -> str:
         cfg, p = self.cfg, self.progress
@@ -413,7 +419,7 @@ class Trainer:
             throughput = Throughput()
             while p.step_in_phase < phase.steps:
                 if max_steps is not None and p.global_step >= max_steps:
-                    self.save("max_steps")
+                    self.save("max_steps", final=True)
                     return "max_steps"
                 t0 = time.perf_counter()
                 loss, bad, grad_norm = self.train_step(phase, batches)
@@ -427,14 +433,22 @@ class Trainer:
                 if bad:
                     p.nonfinite_total += 1
                     p.nonfinite_streak += 1
-                    log.warning("step %d: non-finite loss, update skipped (%d in a row)", p.global_step, p.nonfinite_streak)
+                    log.warning(
+                        "step %d: non-finite loss, update skipped (%d in a row)",
+                        p.global_step,
+                        p.nonfinite_streak,
+                    )
                 else:
                     p.nonfinite_streak = 0
                 record = self._record(phase, loss, grad_norm, dt, throughput)
                 at_phase_end = p.step_in_phase == phase.steps
                 if cfg.eval.interval and p.global_step % cfg.eval.interval == 0:
                     record.update(self.evaluate(phase))
-                if p.global_step % cfg.logging.interval == 0 or "val_loss" in record or at_phase_end:
+                if (
+                    p.global_step % cfg.logging.interval == 0
+                    or "val_loss" in record
+                    or at_phase_end
+                ):
                     self.metrics.write(record)
                 if bar is not None:
                     bar.update(1)
@@ -446,7 +460,7 @@ class Trainer:
                 stop = all_ranks_agree(self.preemption.requested, self.env.device)
                 interval = cfg.checkpoint.interval
                 if stop:
-                    self.save("preemption")
+                    self.save("preemption", final=True)
                     return "preempted"
                 if p.nonfinite_streak:
                     pass  # never make a state inside a run of non-finite losses the latest checkpoint
@@ -455,6 +469,7 @@ class Trainer:
                 elif at_phase_end and phase.name == "patch" and cfg.checkpoint.at_switch:
                     self.save("switch")
                 faults.maybe_kill_after_step(p.global_step)
+                faults.maybe_hang_after_step(p.global_step)
             previous_phase = phase
             p.phase_index, p.step_in_phase = p.phase_index + 1, 0
         last = self.plan.phases[-1]
@@ -464,7 +479,7 @@ class Trainer:
             final["final"] = True
             self.metrics.write(final)
             self.final_eval = final
-        self.save("end")
+        self.save("end", final=True)
         return "completed"
 
     def _stop_for_nonfinite(self) -> None:
@@ -476,7 +491,9 @@ class Trainer:
             f"is {latest.path if latest else 'none'}: lower train.lr or check the data, then resume"
         )
 
-    def _record(self, phase, loss: float, grad_norm: float | None, dt: float, throughput: Throughput) -> dict:
+    def _record(
+        self, phase, loss: float, grad_norm: float | None, dt: float, throughput: Throughput
+    ) -> dict:
         p = self.progress
         tokens_per_s = phase.tokens_per_step / dt if dt > 0 else 0.0
         record = {
@@ -502,7 +519,8 @@ class Trainer:
     def summary(self, status: str) -> dict[str, Any]:
         p = self.progress
         tokens_per_s = {
-            name: (p.tokens[name] / p.wall_time[name] if p.wall_time.get(name) else None) for name in p.tokens
+            name: (p.tokens[name] / p.wall_time[name] if p.wall_time.get(name) else None)
+            for name in p.tokens
         }
         summary: dict[str, Any] = {
             "status": status,
@@ -511,6 +529,7 @@ class Trainer:
             "wall_time_s": dict(p.wall_time),
             "tokens_per_s": tokens_per_s,
             "nonfinite_steps": p.nonfinite_total,
+            "failed_saves": self.failed_saves,
             "planned_cost_ratio": self.plan.cost_ratio,
             "flops": self.plan.flops_so_far(self.progress.global_step),
         }
