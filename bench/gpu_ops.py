@@ -295,6 +295,12 @@ def main() -> int:
     print(f"device: {name}, torch {torch.__version__}")
     result: dict = {"device": name, "torch": torch.__version__}
     failures: list[str] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every stage, so a run cut short still leaves what it measured
+        result["failures"] = failures
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
     start = time.perf_counter()
     result["compile_s"] = check_compile(device, (torch.float32, low), k_values)
@@ -306,6 +312,7 @@ def main() -> int:
     failures += bad
     for row in result["fp32_exact"]:
         print(f"fp32 exact {row['shape']}: {'ok' if row['ok'] else 'FAIL'} {row['errors']}")
+    save()
 
     result["low_precision"], bad = check_low_precision(device, low, low_shapes)
     failures += bad
@@ -315,6 +322,7 @@ def main() -> int:
             print(f"    {key:12s} " + " ".join(f"{k}={v:.2e}" for k, v in row[key].items()))
         for key, err in row["embedding"].items():
             print(f"    emb {key:8s} " + " ".join(f"{k}={v:.2e}" for k, v in err.items()))
+    save()
 
     result["timing"] = time_ops(device, low, time_shapes, reps)
     for row in result["timing"]:
@@ -327,11 +335,8 @@ def main() -> int:
                     peak = "-" if value["peak_mib"] is None else f"{value['peak_mib']:.0f}"
                     print(f"    {case:34s} {value['ms']:9.2f} ms   peak {peak:>7s} MiB")
 
-    result["failures"] = failures
     result["total_s"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"\n{len(failures)} failure(s); {result['total_s']:.0f}s; wrote {out}")
     for failure in failures:
         print("FAIL", failure)

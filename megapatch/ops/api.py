@@ -63,7 +63,8 @@ def vocab_parallel_patch_embedding(
     `ids` are global and replicated on every rank; this rank holds rows
     [vocab_start, vocab_start + V_shard) of the padded weight. Out-of-shard ids contribute
     zero, the sum is divided by K (not by the in-shard count) and all-reduced, so every
-    rank returns the full replicated result.
+    rank returns the full replicated result. `group` is the tensor-parallel group (None:
+    torch's default group); a group of one rank is the plain op.
     """
     op = "vocab_parallel_patch_embedding"
     group, world = _tensor_parallel_group(op, group, vocab_start, weight_shard.shape[0])
@@ -128,7 +129,8 @@ def vocab_parallel_patch_loss(
     hidden and targets are replicated on every rank; this rank holds rows
     [vocab_start, vocab_start + V_shard) of the padded weight. Forward combines the shards
     with a MAX and one packed SUM all-reduce; backward all-reduces the hidden gradient
-    inside the op, so the caller needs no extra mapping.
+    inside the op, so the caller needs no extra mapping. `vocab_size` is the real (unpadded)
+    vocabulary; `group` as in `vocab_parallel_patch_embedding`.
     """
     op = "vocab_parallel_patch_loss"
     group, world = _tensor_parallel_group(op, group, vocab_start, weight_shard.shape[0])

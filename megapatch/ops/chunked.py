@@ -108,8 +108,9 @@ class _Targets:
         self.total = self.counts.sum().clamp(min=1.0)  # scalar, replicated on every rank
 
 
-def _chunk_logits(h, weight, real_cols):
-    logits = h @ weight.t()  # [C, V_shard]
+def _chunk_logits(h, weight, real_cols, buffer):
+    """h·Wᵀ written into the reused chunk buffer (fresh 32 MiB blocks would page-fault)."""
+    logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])  # [C, V_shard]
     if real_cols < weight.shape[0]:
         logits[:, real_cols:] = float("-inf")  # padding gets no mass
     return logits
@@ -131,6 +132,7 @@ class _PatchLoss(torch.autograd.Function):
         tg = _Targets(targets, vocab_start, vocab_shard, ignore_index)
         w32 = _fp32(weight)
         chunk = _rows_per_chunk(n, vocab_shard)
+        buffer = torch.empty(chunk, vocab_shard, dtype=torch.float32, device=hidden.device)
         need_h, need_w = needs
         fuse_grad = FUSE_GRAD_IN_FORWARD and group is None and (need_h or need_w)
 
@@ -151,7 +153,7 @@ class _PatchLoss(torch.autograd.Function):
         for a in range(0, n, chunk):
             rows = slice(a, min(a + chunk, n))
             h = _fp32(hidden[rows])  # [C, D]
-            z = _chunk_logits(h, w32, real_cols)  # [C, V_shard]
+            z = _chunk_logits(h, w32, real_cols, buffer)  # [C, V_shard]
             picked = z.gather(1, tg.local[rows])  # [C, K]
             target_sum[rows] = torch.where(tg.in_shard[rows], picked, 0.0).sum(1)
             # A shard of padding only has max -inf: clamp so that exp(z - m) is 0, not NaN.
@@ -166,7 +168,6 @@ class _PatchLoss(torch.autograd.Function):
                     torch.mm(g, w32, out=grad_h[rows])
                 if need_w:
                     grad_w.addmm_(g.t(), h)
-            del z
 
         if group is not None:
             global_max = row_max.clone()
@@ -216,17 +217,17 @@ class _PatchLoss(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
         chunk = _rows_per_chunk(n, weight.shape[0])
+        buffer = torch.empty(chunk, weight.shape[0], dtype=torch.float32, device=hidden.device)
         for a in range(0, n, chunk):
             rows = slice(a, min(a + chunk, n))
             h = _fp32(hidden[rows])
-            z = _chunk_logits(h, w32, ctx.real_cols)
+            z = _chunk_logits(h, w32, ctx.real_cols, buffer)
             z.sub_(lse[rows, None]).exp_()  # softmax from the global logsumexp
             g = _turn_into_grad(z, tg, rows, scale)
             if need_h:
                 torch.mm(g, w32, out=grad_h[rows])
             if need_w:
                 grad_w.addmm_(g.t(), h)
-            del z
         if need_h and ctx.group is not None:
             # hidden is replicated: its gradient is the sum of every shard's part.
             dist.all_reduce(grad_h, group=ctx.group)

@@ -79,3 +79,30 @@ def embedding_errors(backend, k, seed=0):
     out.backward(grad_out)
     assert out.shape == (3, 84, 123) and out.dtype == torch.float32
     return {"out": rel_err(out, want), "grad_weight": rel_err(w.grad, want_grad)}
+
+
+def largest_tensor(backend, n=256, v=500, d=16, k=4):
+    """Bytes of the largest tensor any op produces during patch_loss forward+backward, with
+    chunks limited to 4096 logits; and the bytes of [N, V] fp32 logits for comparison."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, t.numel() * t.element_size())
+            return out
+
+    hidden, weight, targets = loss_inputs(n, v, d, k, seed=9)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    saved = chunked.LOGITS_PER_CHUNK
+    chunked.LOGITS_PER_CHUNK = 4096
+    try:
+        with Largest():
+            patch_loss(h, w, targets, backend=backend).backward()
+    finally:
+        chunked.LOGITS_PER_CHUNK = saved
+    return Largest.nbytes, n * v * 4
