@@ -9,6 +9,8 @@ GPU accounting is exercised, while the ranks themselves train on the CPU.
 from __future__ import annotations
 
 import json
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -187,3 +189,21 @@ def test_config_larger_than_allocation_fails_before_starting(
         len(lines) == 1 and lines[0].startswith("train.sbatch: error: ") and expected in lines[0]
     ), lines
     assert not run_dir.exists()
+
+
+def test_direct_srun_of_the_engine_maps_slurm_ranks(slurm, launch_corpus, tmp_path):
+    """`srun --ntasks=2 megapatch train`: no torchrun; the engine reads SLURM_PROCID/NTASKS."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**slurm.env, **script_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    proc = slurm.run(
+        ["srun", "--ntasks=2", "--time=10", sys.executable, "-m", "megapatch", "train", TINY_CONFIG,
+         *TINY_OVERRIDES, f"data.path={launch_corpus}", f"run.dir={run_dir}"],
+        check=False, env=env, cwd=REPO, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "TP=1 x DP=2 over 2 ranks" in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
