@@ -29,10 +29,20 @@ TOKENS_PER_STEP = 8192  # configs/tiny.yaml
 
 def train(run_dir: Path, data: str, budget: int, extra: list[str]) -> dict:
     cmd = [
-        sys.executable, "-m", "megapatch", "train", str(REPO / "configs" / "tiny.yaml"),
-        f"data.path={data}", f"run.dir={run_dir}", f"train.total_tokens={budget}",
-        "logging.wandb_mode=disabled", "logging.progress=false", "checkpoint.interval=0",
-        "checkpoint.at_switch=false", "train.resume=auto", *extra,
+        sys.executable,
+        "-m",
+        "megapatch",
+        "train",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"train.total_tokens={budget}",
+        "logging.wandb_mode=disabled",
+        "logging.progress=false",
+        "checkpoint.interval=0",
+        "checkpoint.at_switch=false",
+        "train.resume=auto",
+        *extra,
     ]
     if (run_dir / "summary.json").is_file():
         print(f"  {run_dir.name}: already done, reusing")
@@ -63,8 +73,10 @@ def gap_plot(rows: list[dict], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     budgets = [r["budget"] for r in rows]
-    for key, label in (("gap_eqtok", "patch (same tokens, ~½ compute) − token"),
-                       ("gap_eqflop", "patch (same compute, 2× tokens) − token")):
+    for key, label in (
+        ("gap_eqtok", "patch (same tokens, ~½ compute) − token"),
+        ("gap_eqflop", "patch (same compute, 2× tokens) − token"),
+    ):
         ax.plot(budgets, [r[key] for r in rows], marker="o", label=label)
     ax.axhline(0, color="gray", linewidth=1)
     ax.set_xscale("log")
@@ -94,35 +106,55 @@ def main() -> int:
     rows = []
     for budget in args.budgets:
         print(f"budget {budget:,} tokens")
-        summaries = {name: train(out / f"b{budget}-{name}", args.data, tokens, extra)
-                     for name, (tokens, extra) in arms(budget).items()}
-        report = compare([str(out / f"b{budget}-{n}") for n in summaries], str(out / f"report-b{budget}"),
-                         names=list(summaries))
+        summaries = {
+            name: train(out / f"b{budget}-{name}", args.data, tokens, extra)
+            for name, (tokens, extra) in arms(budget).items()
+        }
+        report = compare(
+            [str(out / f"b{budget}-{n}") for n in summaries],
+            str(out / f"report-b{budget}"),
+            names=list(summaries),
+        )
         print(report["table"])
         token = summaries["token"]
-        rows.append({
-            "budget": budget,
-            **{f"val_{n}": s["val_loss"] for n, s in summaries.items()},
-            "gap_eqtok": summaries["patch-eqtok"]["val_loss"] - token["val_loss"],
-            "gap_eqflop": summaries["patch-eqflop"]["val_loss"] - token["val_loss"],
-            "wall_token_s": sum(token["wall_time_s"].values()),
-            "wall_eqtok_s": sum(summaries["patch-eqtok"]["wall_time_s"].values()),
-            "wall_eqflop_s": sum(summaries["patch-eqflop"]["wall_time_s"].values()),
-        })
+        rows.append(
+            {
+                "budget": budget,
+                **{f"val_{n}": s["val_loss"] for n, s in summaries.items()},
+                "gap_eqtok": summaries["patch-eqtok"]["val_loss"] - token["val_loss"],
+                "gap_eqflop": summaries["patch-eqflop"]["val_loss"] - token["val_loss"],
+                "wall_token_s": sum(token["wall_time_s"].values()),
+                "wall_eqtok_s": sum(summaries["patch-eqtok"]["wall_time_s"].values()),
+                "wall_eqflop_s": sum(summaries["patch-eqflop"]["wall_time_s"].values()),
+            }
+        )
         rows[-1]["wall_ratio_eqtok"] = rows[-1]["wall_eqtok_s"] / rows[-1]["wall_token_s"]
-    repeat = train(out / f"b{args.budgets[0]}-token-repeat", args.data, args.budgets[0],
-                   arms(args.budgets[0])["token"][1])
+    repeat = train(
+        out / f"b{args.budgets[0]}-token-repeat",
+        args.data,
+        args.budgets[0],
+        arms(args.budgets[0])["token"][1],
+    )
     first = json.loads((out / f"b{args.budgets[0]}-token" / "summary.json").read_text())
     determinism = abs(repeat["val_loss"] - first["val_loss"])
     plot = gap_plot(rows, out)
-    result = {"rows": rows, "repeat_abs_diff_nats": determinism, "gap_plot": str(plot), "env": env_note}
+    result = {
+        "rows": rows,
+        "repeat_abs_diff_nats": determinism,
+        "gap_plot": str(plot),
+        "env": env_note,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    print("| budget | token val | patch same-tokens | patch same-compute | Δ same-tokens | Δ same-compute | wall patch/token (same tokens) |")
+    print(
+        "| budget | token val | patch same-tokens | patch same-compute | Δ same-tokens | Δ same-compute | wall patch/token (same tokens) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['budget']:,} | {r['val_token']:.4f} | {r['val_patch-eqtok']:.4f} | {r['val_patch-eqflop']:.4f} | "
-              f"{r['gap_eqtok']:+.4f} | {r['gap_eqflop']:+.4f} | {r['wall_ratio_eqtok']:.3f} |")
+        print(
+            f"| {r['budget']:,} | {r['val_token']:.4f} | {r['val_patch-eqtok']:.4f} | {r['val_patch-eqflop']:.4f} | "
+            f"{r['gap_eqtok']:+.4f} | {r['gap_eqflop']:+.4f} | {r['wall_ratio_eqtok']:.3f} |"
+        )
     print(f"repeat of the token arm at {args.budgets[0]:,}: |Δ val loss| = {determinism:.2e} nats")
     print(f"wrote {out / 'results.json'} and {plot}")
     return 0
