@@ -146,12 +146,16 @@ def all_ranks_agree(flag: bool, device: torch.device | None = None) -> bool:
     return bool(t.item())
 
 
+# How gloo and NCCL word a peer that is gone or too slow (they raise plain RuntimeErrors).
+_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout")
+
+
 def is_collective_failure(exc: BaseException) -> bool:
     """Whether `exc` is a failed collective (a peer gone or too slow), not a bug here."""
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text)
+    return isinstance(exc, RuntimeError) and any(words in text for words in _PEER_LOST)
 
 
 def _cause(exc: BaseException) -> str:

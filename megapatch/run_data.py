@@ -17,6 +17,11 @@ from megapatch.data import (
 from megapatch.errors import DataError
 
 
+def open_run_data(cfg: RunConfig):
+    """The (train, valid) corpora of a run, with their shards and manifests checked."""
+    return open_corpus(cfg.train_data, split="train"), open_corpus(cfg.valid_data, split="valid")
+
+
 def phase_streams(cfg: RunConfig, plan, corpus) -> dict[str, PhaseStream]:
     """One seeded stream per phase over disjoint tokens, each holding a global batch at least."""
     patch_tokens = sum(p.tokens for p in plan.phases if p.name == "patch")
@@ -41,9 +46,9 @@ def phase_streams(cfg: RunConfig, plan, corpus) -> dict[str, PhaseStream]:
     return streams
 
 
-def validation_windows(cfg: RunConfig, plan) -> dict[int, np.ndarray]:
-    """{K: windows}: token-level (K=1) always, patch-level too if the plan has a patch phase."""
-    valid = open_corpus(cfg.valid_data, split="valid")
+def validation_windows(cfg: RunConfig, plan, valid) -> dict[int, np.ndarray]:
+    """{K: windows} of the `valid` corpus: token-level (K=1) always, patch-level too if the
+    plan has a patch phase."""
     sizes = [1] + [cfg.patch.size for p in plan.phases if p.name == "patch"]
     windows = {
         k: eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows, patch_size=k)

@@ -37,7 +37,12 @@ from megapatch.optimizer import (
 )
 from megapatch.preemption import PreemptionHandler
 from megapatch.resume import check_resumable, check_run_dir, checkpoint_to_resume, read_client_state
-from megapatch.run_data import VocabCheckedSampler, phase_streams, validation_windows
+from megapatch.run_data import (
+    VocabCheckedSampler,
+    open_run_data,
+    phase_streams,
+    validation_windows,
+)
 
 log = get_logger("train")
 
@@ -76,14 +81,14 @@ class NonFiniteLossError(MegapatchError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv):
-        from megapatch.data import open_corpus
+    def __init__(self, cfg: RunConfig, env: DistEnv, data: tuple | None = None):
+        """`data`: the (train, valid) corpora if already opened (see `open_run_data`)."""
         from megapatch.model import GPT, GPTConfig
 
         self.cfg, self.env = cfg, env
         tp = cfg.parallel.tensor_model_parallel_size
         # Data first: the vocabulary ("auto") comes from the manifest and the plan counts FLOPs with it.
-        self.corpus = open_corpus(cfg.train_data, split="train")
+        self.corpus, self.valid_corpus = data or open_run_data(cfg)
         self.vocab_size = resolve_vocab_size(cfg, self.corpus.vocab_size)
         local_devices = torch.cuda.device_count() if torch.cuda.is_available() else None
         self.plan = validate_for_world(
@@ -105,7 +110,7 @@ class Trainer:
         self.failed_saves = 0
 
         self.streams = phase_streams(cfg, self.plan, self.corpus)
-        self.valid_windows = validation_windows(cfg, self.plan)
+        self.valid_windows = validation_windows(cfg, self.plan, self.valid_corpus)
 
         m = cfg.model
         self.model_config = GPTConfig(
@@ -124,6 +129,12 @@ class Trainer:
             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
             ops_backend=cfg.train.ops_backend,
         )
+        # Which checkpoint to continue from, and whether this run can: known before the
+        # (possibly long) model build, so a mismatch fails at once.
+        self.resume_from = checkpoint_to_resume(cfg, self.ckpt)
+        if self.resume_from is not None:
+            saved = read_client_state(self.resume_from.path)
+            check_resumable(self.resume_from.path, saved, self._identity())
         model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
         if cfg.init.from_hf:
             from megapatch.hf import load_hf_into_model
@@ -218,12 +229,9 @@ class Trainer:
         log.info("checkpoint (%s) at step %d: %s", reason, step, path)
 
     def maybe_resume(self) -> int | None:
-        info = checkpoint_to_resume(self.cfg, self.ckpt)
+        info = self.resume_from
         if info is None:
             return None
-        # Check what the checkpoint holds before DeepSpeed reads it: its own errors for a
-        # mismatch are a shape deep inside the optimizer state.
-        check_resumable(info.path, read_client_state(info.path), self._identity())
         client_state, _ = self.ckpt.load(self.engine, info)
         state = client_state["megapatch"]
         self.progress = Progress.from_state_dict(state["progress"])
@@ -547,10 +555,13 @@ class Trainer:
 
 def train(cfg: RunConfig) -> RunResult:
     """Run (or resume) training for `cfg` in this process; every rank calls this."""
+    data = open_run_data(cfg)  # bad data fails here, before any process group exists
     env = init_distributed()
     torch.manual_seed(cfg.run.seed)
     try:
-        return Trainer(cfg, env).run()
+        with rank_failures_reported(lambda: "while the run was starting"):
+            trainer = Trainer(cfg, env, data)
+        return trainer.run()
     finally:
         # Tear down collectives before interpreter exit: a live gloo group aborts the process.
         parallel.destroy_model_parallel()

@@ -40,6 +40,7 @@ class Checker:
     def unknown(self, key: str, candidates: list[str]) -> None:
         # The same name in another section first (model.warmup_steps -> train.warmup_steps),
         # then the closest spelling.
+        key = str(key)  # YAML keys need not be strings: `1: x`
         leaf = key.rsplit(".", 1)[-1]
         hint = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c != key][:1]
         hint = hint or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)

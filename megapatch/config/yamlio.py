@@ -48,6 +48,12 @@ def read_yaml(path: Path, label: str) -> dict:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{label}: invalid YAML{where}: {problem}") from None
+    except Exception as exc:  # noqa: BLE001
+        # PyYAML's constructors raise plain Python errors, not YAMLError, on some well-formed
+        # but meaningless input ("2001-02-30" -> ValueError, "!!float " -> IndexError): what
+        # parsing the user's text raises is about the text.
+        problem = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{label}: invalid YAML: {type(exc).__name__}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -105,7 +111,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. patch.size=4")
     try:
         value = yaml.load(text, Loader=_Loader) if text.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - a YAMLError, or a plain error from PyYAML (read_yaml)
         raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
     return key, value
 

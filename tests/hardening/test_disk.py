@@ -70,7 +70,9 @@ def test_a_full_disk_keeps_training_then_fails_clearly_and_keeps_the_last_checkp
         assert f"free space in (or fix) {ckpt_dir}, then rerun with train.resume=auto" in line
         assert_no_megapatch_traceback(proc.stderr)
         # each failed save was said out loud, and training went on to the end in memory
-        failed = [line for line in proc.stderr.splitlines() if "ERROR could not write checkpoint" in line]
+        failed = [
+            line for line in proc.stderr.splitlines() if "ERROR could not write checkpoint" in line
+        ]
         assert [f"step_{s:08d}" in f for s, f in zip((6, 8, 9), failed)] == [True] * 3, failed
         first_attempt = train_records(run_dir)
         assert [r["step"] for r in first_attempt] == list(range(1, 13))
