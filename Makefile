@@ -28,7 +28,8 @@ quickstart: install
 
 test: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch
-	$(PY) -m pytest -q
+	# DeepSpeed JIT-builds a CPU op per interpreter; a cache shared with another Python rebuilds it at every start
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest -q
 
 lint: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch
