@@ -237,6 +237,8 @@ def _time_shape(device, dtype, n, v, d, k, reps):
         except torch.cuda.OutOfMemoryError:
             loss_row[name] = {"error": "out of memory"}
             torch.cuda.empty_cache()
+        except (AttributeError, TypeError, RuntimeError) as exc:  # e.g. an older torch
+            loss_row[name] = {"error": f"{type(exc).__name__}: {exc}"[:160]}
 
     ids = targets.clamp(min=0)
     grad_out = torch.randn(n, d, device=device, dtype=dtype)

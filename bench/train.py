@@ -75,9 +75,17 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
             "tokens_per_step": phase.tokens_per_step,
             "median_step_s": median,
             "tokens_per_s": phase.tokens_per_step / median,
+            # model FLOPs the step does (a patch step's are ~1/K of a token step's per token)
+            "model_tflops_per_s": phase.flops_per_step / median / 1e12,
+            "mfu": phase.flops_per_step / median / trainer.peak if trainer.peak else None,
         }
     ratio = rows["patch"]["tokens_per_s"] / rows["token"]["tokens_per_s"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
+        "device": device,
+        "precision": cfg.train.precision,
+        "ops_backend": cfg.train.ops_backend,
+        "parameters": sum(p.numel() for p in trainer.engine.module.parameters()),
         "phases": rows,
         "patch_over_token": ratio,
         "target": 0.9 * patch.patch_size,
@@ -154,12 +162,16 @@ def main() -> int:
         args.config, args.data, args.steps, args.overrides
     )
     print(
-        f"{'phase':<6} {'K':>2} {'window':>7} {'seq/step':>8} {'mb x acc':>9} {'step (s)':>9} {'tokens/s':>10}"
+        f"{inter['device']}, {inter['precision']}, ops {inter['ops_backend']}, {inter['parameters'] / 1e6:.1f}M parameters"
+    )
+    print(
+        f"{'phase':<6} {'K':>2} {'window':>7} {'seq/step':>8} {'mb x acc':>9} {'step (s)':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}"
     )
     for name, row in inter["phases"].items():
+        mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
         print(
             f"{name:<6} {row['K']:>2} {row['window']:>7} {row['sequences_per_step']:>8} {row['micro_batch_x_accum']:>9} "
-            f"{row['median_step_s']:>9.3f} {row['tokens_per_s']:>10,.0f}"
+            f"{row['median_step_s']:>9.3f} {row['tokens_per_s']:>10,.0f} {row['model_tflops_per_s']:>8.2f} {mfu:>6}"
         )
     print(
         f"patch/token tokens/s: {inter['patch_over_token']:.2f}x (target >= {inter['target']:.1f}x)"

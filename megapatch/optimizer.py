@@ -28,8 +28,12 @@ def deepspeed_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config for the first phase; batch shape changes later via the engine."""
     optimizer_params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
-    if not on_cuda:
-        optimizer_params["torch_adam"] = True  # otherwise DeepSpeed JIT-builds a C++ Adam
+    # torch's own AdamW: DeepSpeed's Adam would JIT-compile a C++ (CPU) or CUDA extension in
+    # every fresh environment, which needs a compiler on every node and minutes at start.
+    # On CUDA the fused kernel updates all tensors in a few launches, like DeepSpeed's.
+    optimizer_params["torch_adam"] = True
+    if on_cuda:
+        optimizer_params["fused"] = True
     config: dict[str, Any] = {
         "train_batch_size": micro_batch_size * grad_accum * dp_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
