@@ -5,7 +5,8 @@
 #      backend, plain bf16 PyTorch and F.linear_cross_entropy (bench/gpu_ops.py);
 #   2. training throughput and MFU of both phases of the paper's 370M model (bf16, ZeRO-2,
 #      L=2048, V=32,000), patch and token steps interleaved on one DeepSpeed engine, with the
-#      Triton ops and then with the chunked torch ops (bench/train.py).
+#      Triton ops (plus a profile of one step of each) and then with the chunked torch ops
+#      (bench/train.py).
 #
 #   bash bench/gpu_check.sh [DATA]    # DATA: a `megapatch prep` output (default data/shakespeare)
 #
@@ -49,7 +50,7 @@ if [[ -f "$DATA/manifest.json" ]]; then
     train_args=(--config configs/paper-370m-patch.yaml --data "$DATA" --steps 4
         train.tokens_per_step=262144 train.total_tokens=7864320 train.micro_batch_size=16
         train.warmup_steps=2 parallel.gpus_per_node=null)
-    part train-triton 180 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_triton.json" \
+    part train-triton 180 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_triton.json" --profile "$RESULTS" \
         train.ops_backend=triton
     part train-torch 180 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_torch.json" \
         train.ops_backend=torch

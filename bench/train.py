@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: list[str]) -> dict:
+def interleaved_phase_throughput(
+    config: str, data: str, steps: int, overrides: list[str], profile: Path | None = None
+) -> dict:
     import torch
 
     from megapatch.config import load_config
@@ -59,6 +61,11 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
                 torch.cuda.synchronize()
             if i > 0:
                 times[phase.name].append(time.perf_counter() - t0)
+    profiles = {}
+    if profile is not None:  # one more step of each phase under the profiler
+        profiles = {
+            p.name: _profile_step(trainer, p, batches[p.name], profile) for p in (patch, token)
+        }
     for loader in loaders.values():
         loader.close()
     import torch.distributed as dist
@@ -87,11 +94,36 @@ def interleaved_phase_throughput(config: str, data: str, steps: int, overrides: 
         "ops_backend": cfg.train.ops_backend,
         "parameters": sum(p.numel() for p in trainer.engine.module.parameters()),
         "phases": rows,
+        "profiles": profiles,
         "patch_over_token": ratio,
         "target": 0.9 * patch.patch_size,
         "steps_timed": steps,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _profile_step(trainer, phase, batches, out_dir: Path) -> str:
+    """Profile one optimizer step; write the op table (by self time) and return its path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    trainer.shape_engine(phase)
+    with profile(activities=activities) as prof:
+        trainer.train_step(phase, batches)
+        if on_cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile_{phase.name}.txt"
+    path.write_text(table + "\n")
+    print(f"\n{phase.name} step, top ops by self {'GPU' if on_cuda else 'CPU'} time:")
+    print("\n".join(table.splitlines()[:20]))
+    return str(path)
 
 
 def full_runs(config: str, data: str, overrides: list[str]) -> dict:
@@ -149,8 +181,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per phase")
     parser.add_argument("--full", action="store_true", help="also train both arms end to end")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    parser.add_argument(
+        "--profile", type=Path, help="also profile one step of each phase; op tables to this folder"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for both parts")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     if not (Path(args.data) / "manifest.json").is_file():
         print(
             f"bench/train.py: {args.data} is not a prep output; run `megapatch prep --sample shakespeare --out {args.data}`"
@@ -159,7 +194,7 @@ def main() -> int:
 
     result = {"config": args.config, "overrides": args.overrides}
     result["interleaved"] = inter = interleaved_phase_throughput(
-        args.config, args.data, args.steps, args.overrides
+        args.config, args.data, args.steps, args.overrides, args.profile
     )
     print(
         f"{inter['device']}, {inter['precision']}, ops {inter['ops_backend']}, {inter['parameters'] / 1e6:.1f}M parameters"

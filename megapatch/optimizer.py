@@ -27,7 +27,12 @@ def deepspeed_config(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config for the first phase; batch shape changes later via the engine."""
-    optimizer_params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay}
+    optimizer_params: dict[str, Any] = {
+        "lr": lr,
+        "betas": list(betas),
+        "eps": eps,
+        "weight_decay": weight_decay,
+    }
     # torch's own AdamW: DeepSpeed's Adam would JIT-compile a C++ (CPU) or CUDA extension in
     # every fresh environment, which needs a compiler on every node and minutes at start.
     # On CUDA the fused kernel updates all tensors in a few launches, like DeepSpeed's.
@@ -105,4 +110,6 @@ def optimizer_state_size(engine) -> int:
 
 def skips_nonfinite_steps(engine) -> bool:
     """ZeRO and the bf16/fp16 optimizers skip a step whose gradients are not finite; plain fp32 does not."""
-    return bool(engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled())
+    return bool(
+        engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    )
