@@ -5,8 +5,8 @@
 #      backend, plain bf16 PyTorch and F.linear_cross_entropy (bench/gpu_ops.py);
 #   2. training throughput and MFU of both phases of the paper's 370M model (bf16, ZeRO-2,
 #      L=2048, V=32,000), patch and token steps interleaved on one DeepSpeed engine, with the
-#      Triton ops (plus a profile of one step of each) and then with the chunked torch ops
-#      (bench/train.py).
+#      Triton ops (plus a profile of one step of each), with the Triton ops and every block
+#      torch.compiled (train.compile=true), and with the chunked torch ops (bench/train.py).
 #
 #   bash bench/gpu_check.sh [DATA]    # DATA: a `megapatch prep` output (default data/shakespeare)
 #
@@ -52,6 +52,8 @@ if [[ -f "$DATA/manifest.json" ]]; then
         train.warmup_steps=2 parallel.gpus_per_node=null)
     part train-triton 180 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_triton.json" --profile "$RESULTS" \
         train.ops_backend=triton
+    part train-triton-compiled 240 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_compiled.json" \
+        train.ops_backend=triton train.compile=true
     part train-torch 180 "$PYTHON" bench/train.py "${train_args[@]}" --out "$RESULTS/gpu_train_torch.json" \
         train.ops_backend=torch
 else

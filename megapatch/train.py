@@ -140,6 +140,8 @@ class Trainer:
             from megapatch.hf import load_hf_into_model
 
             load_hf_into_model(model, cfg.init.from_hf)
+        if cfg.train.compile:
+            model.compile_blocks()
 
         first = self.plan.phases[0]
         t = cfg.train

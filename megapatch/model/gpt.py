@@ -69,6 +69,13 @@ class GPT(nn.Module):
         )
         self.init_weights(seed)
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile every transformer block in place: parameter names (and so
+        checkpoints and exports) stay as they are; the embedding and loss keep their own
+        kernels."""
+        for layer in self.layers:
+            layer.compile(backend=backend)
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Norms at 1; matrices N(0, init_std²), residual outputs N(0, (init_std/√(2·n_layers))²);

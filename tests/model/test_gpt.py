@@ -143,6 +143,23 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert_grads_close(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_give_the_same_loss_gradients_and_parameter_names(checkpointing):
+    # aot_eager traces and runs the same graphs inductor would fuse, without a C++ build
+    w = windows(2, 18)
+    results = []
+    for compiled in (False, True):
+        model = GPT(tiny(activation_checkpointing=checkpointing), seed=3)
+        if compiled:
+            model.compile_blocks(backend="aot_eager")
+        loss = model(w[:, :-2], w[:, 2:], patch_size=2)
+        loss.backward()
+        results.append((loss.detach(), grads(model), list(model.state_dict())))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    assert_grads_close(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]  # checkpoints and exports are unaffected
+
+
 def test_tied_embeddings_share_one_matrix():
     model = GPT(tiny(tie_embeddings=True, make_vocab_size_divisible_by=1), seed=0)
     assert model.lm_head is None and model.output_weight is model.embed_tokens.weight
