@@ -72,10 +72,12 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     stop_ids: Sequence[int] = (),
+    vocab_limit: int | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` sampled token ids, one at a time, after `prompt_ids`.
 
-    Stops early at a token in `stop_ids` (not yielded) or when the context is full.
+    Stops early at a token in `stop_ids` (not yielded) or when the context is full. Only
+    ids below `vocab_limit` (the tokenizer's size, when the model has more rows) are drawn.
     Without the cache every step recomputes the whole sequence (the reference the cache
     is tested against). Bad arguments raise here, before the first token.
     """
@@ -91,7 +93,8 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: expected an integer ≥ 1")
-    return _sample(model, ids, max_new_tokens, sampling, seed, use_cache, set(map(int, stop_ids)))
+    stop = set(map(int, stop_ids))
+    return _sample(model, ids, max_new_tokens, sampling, seed, use_cache, stop, vocab_limit)
 
 
 @torch.no_grad()
@@ -103,6 +106,7 @@ def _sample(
     seed: int,
     use_cache: bool,
     stop: set[int],
+    vocab_limit: int | None,
 ) -> Iterator[int]:
     context = model.cfg.seq_len
     device = next(model.parameters()).device
@@ -115,6 +119,7 @@ def _sample(
             logits = model(new_input, kv_cache=cache)[:, -1]  # [1, V]
         else:
             logits = model(sequence)[:, -1]  # [1, V]
+        logits = logits[:, :vocab_limit]  # rows past the tokenizer's pieces decode to nothing
         token = sample_next_token(logits, sampling, generator)  # [1]
         if int(token) in stop:
             log.info("stopped at a stop token after %d new tokens", produced)

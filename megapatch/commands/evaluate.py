@@ -56,7 +56,9 @@ def evaluate_checkpoint(
     spec = data if data is not None else _valid_data_of(ckpt)
     corpus = open_corpus(spec, split=split)
     cfg = ckpt.model_config
-    if corpus.vocab_size != cfg.vocab_size:
+    # A model may have more rows than its tokenizer has pieces (model.vocab_size set above
+    # the tokenizer's, as training allows); fewer cannot score the data.
+    if corpus.vocab_size > cfg.vocab_size:
         raise DataError(
             f"{spec}: tokenized with a vocabulary of {corpus.vocab_size} but checkpoint "
             f"{ckpt.path} has {cfg.vocab_size}: evaluate on data prepped with the model's tokenizer"

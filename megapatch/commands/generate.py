@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         use_cache=not args.no_cache,
         stop_ids=() if args.ignore_eos or tokenizer.eos_id < 0 else (tokenizer.eos_id,),
+        vocab_limit=tokenizer.vocab_size,
     )
     out = sys.stdout
     out.write(args.prompt)

@@ -185,7 +185,7 @@ class _PatchLoss(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden, weight, lse)
             ctx.tg, ctx.real_cols, ctx.group = tg, real_cols, group
-        return loss.to(hidden.dtype)
+        return loss  # fp32 whatever the inputs: a bf16 loss would log to 3 significant digits
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -171,7 +171,7 @@ class _PatchLoss(torch.autograd.Function):
 
         ctx.save_for_backward(hidden, weight, ids, lse, counts, total)
         ctx.vocab_start, ctx.real_cols, ctx.group = vocab_start, real_cols, group
-        return loss.to(hidden.dtype)
+        return loss  # fp32 whatever the inputs: a bf16 loss would log to 3 significant digits
 
     @staticmethod
     def backward(ctx, grad_loss):

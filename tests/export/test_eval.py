@@ -49,6 +49,19 @@ def test_eval_equals_cross_entropy_of_the_full_logits(tp2_run, corpus, cli):
     assert result["ppl"] == pytest.approx(float(np.exp(float(expected))), rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_model_with_more_vocabulary_rows_than_its_tokenizer_is_evaluated(corpus, tmp_path, cli):
+    """model.vocab_size above the tokenizer's (as the paper configs set 32,000) trains, so
+    eval must take the same data: the tokenizer file decides, not the row count."""
+    from tests.export.conftest import train
+
+    run_dir = train(corpus, tmp_path / "wide", "model.vocab_size=512", "train.max_steps=1", nproc=1)
+    assert read_checkpoint(run_dir).model_config.vocab_size == 512
+    out = tmp_path / "eval.json"
+    assert cli("eval", run_dir, "--max-windows", 4, "--out", out) == 0
+    assert np.isfinite(json.loads(out.read_text())["loss"])
+
+
 # -- bad input --------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["eval", "export", "generate"])
 def test_a_directory_without_a_checkpoint_is_one_clear_line(command, tmp_path, capsys, cli):

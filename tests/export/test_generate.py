@@ -70,6 +70,16 @@ def test_the_same_seed_gives_the_same_tokens_and_another_seed_others():
     assert runs[0] != runs[2]
 
 
+def test_a_vocab_limit_draws_only_ids_the_tokenizer_has():
+    # A model with more rows than its tokenizer's pieces; push the mass onto the extra rows.
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[200:] *= 50
+    kw = dict(max_new_tokens=20, sampling=SamplingConfig(temperature=1.0), seed=0)
+    assert max(generate(model, [1, 2, 3], **kw)) >= 200
+    assert max(generate(model, [1, 2, 3], vocab_limit=200, **kw)) < 200
+
+
 # -- samplers ---------------------------------------------------------------------------
 def test_greedy_top_k_1_and_a_tiny_top_p_all_take_the_argmax():
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
