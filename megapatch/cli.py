@@ -20,7 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("megapatch.commands.plan", "print the phase plan, batch shapes and cost of a config"),
     "train": ("megapatch.commands.train", "pretrain through the patch and token phases"),
     "eval": ("megapatch.commands.evaluate", "token-level validation loss and perplexity"),
-    "export": ("megapatch.commands.export", "export a checkpoint as a Hugging Face Llama directory"),
+    "export": (
+        "megapatch.commands.export",
+        "export a checkpoint as a Hugging Face Llama directory",
+    ),
     "generate": ("megapatch.commands.generate", "sample text from a checkpoint"),
     "compare": ("megapatch.commands.compare", "plot and tabulate several runs side by side"),
     "summary": ("megapatch.commands.summary", "summarise a finished run"),
@@ -55,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command = argv[0]
     if command not in SUBCOMMANDS:
-        print(f"megapatch: error: unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        print(
+            f"megapatch: error: unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         parser = build_parser(command)

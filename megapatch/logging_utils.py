@@ -36,7 +36,9 @@ def setup_logging(level: str | int = "INFO", all_ranks: bool = False) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler()
         prefix = f"[rank {global_rank()}] " if all_ranks else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
+        )
         handler.addFilter(_RankFilter(all_ranks))
         logger.addHandler(handler)
         logger.propagate = False

@@ -59,7 +59,14 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends metrics records to <run_dir>/metrics.jsonl and mirrors them to wandb."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int | None, wandb_cfg: dict[str, Any] | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        resume_step: int | None,
+        wandb_cfg: dict[str, Any] | None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb_run = None
@@ -112,7 +119,9 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            numeric = {
+                k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
+            }
             self.wandb_run.log(numeric, step=record["step"])
 
     def close(self) -> None:

@@ -56,7 +56,9 @@ def load_runs(run_dirs: list[str], names: list[str] | None = None) -> list[RunCu
         path = Path(d)
         records = read_metrics(path)
         if not records:
-            raise MegapatchError(f"{path / 'metrics.jsonl'}: missing or empty; expected a megapatch run directory")
+            raise MegapatchError(
+                f"{path / 'metrics.jsonl'}: missing or empty; expected a megapatch run directory"
+            )
         # Records without a value for the wall-time/flops axes are carried forward from training records.
         last_train = {}
         for r in records:

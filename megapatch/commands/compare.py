@@ -16,7 +16,9 @@ def run(args: argparse.Namespace) -> int:
     from megapatch.report import compare
 
     if args.names and len(args.names) != len(args.run_dirs):
-        raise MegapatchError(f"--names: got {len(args.names)} names for {len(args.run_dirs)} runs; expected one each")
+        raise MegapatchError(
+            f"--names: got {len(args.names)} names for {len(args.run_dirs)} runs; expected one each"
+        )
     result = compare(args.run_dirs, args.out, args.names)
     print(result["table"], end="")
     for path in result["plots"]:

@@ -21,7 +21,9 @@ def _fmt_rate(value) -> str:
 def run(args: argparse.Namespace) -> int:
     path = Path(args.run_dir) / "summary.json"
     if not path.is_file():
-        raise MegapatchError(f"{path} not found: is {args.run_dir} a finished megapatch run directory?")
+        raise MegapatchError(
+            f"{path} not found: is {args.run_dir} a finished megapatch run directory?"
+        )
     summary = json.loads(path.read_text())
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -33,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
             f"({_fmt_rate(summary['tokens_per_s'].get(phase))})"
         )
     if summary.get("val_loss") is not None:
-        lines.append(f"  final validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})")
+        lines.append(
+            f"  final validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})"
+        )
     planned = summary.get("planned_cost_ratio")
     measured = summary.get("measured_cost_ratio")
     if planned is not None:

@@ -8,7 +8,9 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config (YAML)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. patch.size=4 train.total_tokens=2e6")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. patch.size=4 train.total_tokens=2e6"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +20,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if result.summary and _is_rank0():
-        print(json.dumps({"status": result.status, "step": result.global_step, **result.summary}, indent=2))
+        print(
+            json.dumps(
+                {"status": result.status, "step": result.global_step, **result.summary}, indent=2
+            )
+        )
     return 0
 
 

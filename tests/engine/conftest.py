@@ -52,9 +52,25 @@ def tiny_corpus(tmp_path_factory) -> Path:
         (texts / f"doc{i:02d}.txt").write_text(synthetic_text(100 + i, 2500))
     out = root / "prep"
     subprocess.run(
-        [sys.executable, "-m", "megapatch", "prep", str(texts), "--vocab-size", "400",
-         "--valid-fraction", "0.1", "--out", str(out), "--workers", "1"],
-        check=True, capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "megapatch",
+            "prep",
+            str(texts),
+            "--vocab-size",
+            "400",
+            "--valid-fraction",
+            "0.1",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     return out
 
@@ -69,19 +85,47 @@ def train_env(**extra: str) -> dict[str, str]:
 def train_cmd(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megapatch", "train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "megapatch", "train"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "megapatch",
+        "train",
+    ]
 
 
-def run_train(corpus: Path, run_dir: Path, *overrides: str, nproc: int = 1, env: dict | None = None,
-              check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(
+    corpus: Path,
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    env: dict | None = None,
+    check: bool = True,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     """`megapatch train configs/tiny.yaml` shrunk by TINY_OVERRIDES, in real processes."""
-    args = train_cmd(nproc) + [str(REPO / "configs" / "tiny.yaml"), *TINY_OVERRIDES,
-                               f"data.path={corpus}", f"run.dir={run_dir}", *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=train_env(**(env or {})),
-                          timeout=timeout)
+    args = train_cmd(nproc) + [
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY_OVERRIDES,
+        f"data.path={corpus}",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=train_env(**(env or {})),
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"train exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -13,16 +13,31 @@ REQUIRED = {"step", "phase", "tokens", "loss", "lr", "tokens_per_s", "grad_norm"
 
 def test_metrics_progress_and_wandb_id_survive_a_resume(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    first = run_train(tiny_corpus, run_dir, "train.max_steps=2", "eval.interval=2",
-                      "logging.wandb_mode=offline", "logging.progress=true", env={"WANDB_MODE": "offline"})
+    first = run_train(
+        tiny_corpus,
+        run_dir,
+        "train.max_steps=2",
+        "eval.interval=2",
+        "logging.wandb_mode=offline",
+        "logging.progress=true",
+        env={"WANDB_MODE": "offline"},
+    )
     records = metrics(run_dir)
     assert all(REQUIRED <= r.keys() for r in records)
-    assert records[1]["val_loss"] > 0 and records[1]["val_patch_loss"] > 0  # patch phase: both levels
+    assert (
+        records[1]["val_loss"] > 0 and records[1]["val_patch_loss"] > 0
+    )  # patch phase: both levels
     assert "tok/s" in first.stderr and "patch loss" in first.stderr  # the progress bar
     run_id = (run_dir / "wandb_id").read_text().strip()
 
-    run_train(tiny_corpus, run_dir, "train.max_steps=4", "eval.interval=2",
-              "logging.wandb_mode=offline", env={"WANDB_MODE": "offline"})
+    run_train(
+        tiny_corpus,
+        run_dir,
+        "train.max_steps=4",
+        "eval.interval=2",
+        "logging.wandb_mode=offline",
+        env={"WANDB_MODE": "offline"},
+    )
     assert (run_dir / "wandb_id").read_text().strip() == run_id
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)

@@ -32,7 +32,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_corpus, tmp_path, zer
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
     common = ["eval.interval=0", f"parallel.zero_stage={zero_stage}"]
     run_train(tiny_corpus, clean, *common, "train.max_steps=2")
-    run_train(tiny_corpus, faulty, *common, "train.max_steps=3", env={"MEGAPATCH_FAULT_NAN_STEPS": "2"})
+    run_train(
+        tiny_corpus, faulty, *common, "train.max_steps=3", env={"MEGAPATCH_FAULT_NAN_STEPS": "2"}
+    )
     a, b = train_records(clean), train_records(faulty)
     assert b[2]["loss"] == "nan" and b[2]["nonfinite_total"] == 1
     np.testing.assert_array_equal([r["loss"] for r in a], [r["loss"] for r in b[:2]])
@@ -52,8 +54,12 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_corpus, tmp_path, zer
 def test_a_streak_of_nonfinite_losses_stops_with_a_clear_message(tiny_corpus, tmp_path, zero_stage):
     run_dir = tmp_path / "run"
     proc = run_train(
-        tiny_corpus, run_dir, "train.max_nonfinite_steps=3", f"parallel.zero_stage={zero_stage}",
-        env={"MEGAPATCH_FAULT_NAN_STEPS": "4,5,6"}, check=False,
+        tiny_corpus,
+        run_dir,
+        "train.max_nonfinite_steps=3",
+        f"parallel.zero_stage={zero_stage}",
+        env={"MEGAPATCH_FAULT_NAN_STEPS": "4,5,6"},
+        check=False,
     )
     assert proc.returncode == 2
     last_line = proc.stderr.strip().splitlines()[-1]
@@ -68,9 +74,16 @@ def test_a_streak_of_nonfinite_losses_stops_with_a_clear_message(tiny_corpus, tm
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path, sig):
     run_dir = tmp_path / "run"
-    args = train_cmd(1) + [str(REPO / "configs" / "tiny.yaml"), *TINY_OVERRIDES,
-                           f"data.path={tiny_corpus}", f"run.dir={run_dir}", "train.total_tokens=25600"]
-    proc = subprocess.Popen(args, cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = train_cmd(1) + [
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY_OVERRIDES,
+        f"data.path={tiny_corpus}",
+        f"run.dir={run_dir}",
+        "train.total_tokens=25600",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         path = run_dir / "metrics.jsonl"
@@ -87,7 +100,9 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path, 
     assert summary["status"] == "preempted"
     step = summary["global_step"]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step_{step:08d}" and (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
+    assert (
+        latest == f"step_{step:08d}" and (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
+    )
     assert step < 100  # it stopped early, not at the end
     # the requeued job picks up where it stopped
     run_train(tiny_corpus, run_dir, "train.total_tokens=25600", "train.max_steps=" + str(step + 2))
@@ -96,7 +111,9 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(tiny_corpus, tmp_path, 
 
 def test_keep_last_prunes_old_checkpoints(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run_train(tiny_corpus, run_dir, "checkpoint.keep_last=2", "checkpoint.interval=2", "eval.interval=0")
+    run_train(
+        tiny_corpus, run_dir, "checkpoint.keep_last=2", "checkpoint.interval=2", "eval.interval=0"
+    )
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000010", "step_00000012"]
 
@@ -115,7 +132,11 @@ BAD_CONFIGS = [
     (["patch.fraction=1.0"], "patch.fraction", "[0, 1)"),
     (["patch.size=3"], "train.tokens_per_step", "multiple"),
     (["model.n_heads=3"], "model.n_heads", "d_model"),
-    (["parallel.tensor_model_parallel_size=4"], "tensor_model_parallel_size=4", "divisor of model.n_heads"),
+    (
+        ["parallel.tensor_model_parallel_size=4"],
+        "tensor_model_parallel_size=4",
+        "divisor of model.n_heads",
+    ),
     (["model.vocab_size=100"], "model.vocab_size=100", "400"),
     (["train.micro_batch_size=0"], "train.micro_batch_size", "positive"),
 ]

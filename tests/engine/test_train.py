@@ -34,7 +34,9 @@ def test_runs_both_phases_with_equal_tokens_per_step(reference_run):
     assert [r["phase"] for r in records] == ["patch"] * PATCH_STEPS + ["token"] * TOKEN_STEPS
     assert [r["patch_size"] for r in records] == [4] * PATCH_STEPS + [1] * TOKEN_STEPS
     tokens = [r["tokens"] for r in records]
-    assert np.all(np.diff([0] + tokens) == 256), "tokens per optimizer step must not change at the switch"
+    assert np.all(np.diff([0] + tokens) == 256), (
+        "tokens per optimizer step must not change at the switch"
+    )
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] is not None for r in records)
     # the token phase starts where the patch phase left off: its loss is far below log(V)
     assert records[-1]["loss"] < np.log(400)
@@ -71,16 +73,22 @@ def test_checkpoints_at_interval_switch_and_end(reference_run):
 
 
 @pytest.mark.parametrize("kill_after", [7, 9], ids=["before-switch", "after-switch"])
-def test_killed_and_resumed_run_equals_uninterrupted(reference_run, tiny_corpus, tmp_path, kill_after):
+def test_killed_and_resumed_run_equals_uninterrupted(
+    reference_run, tiny_corpus, tmp_path, kill_after
+):
     run_dir = tmp_path / "run"
-    killed = run_train(tiny_corpus, run_dir, env={"MEGAPATCH_FAULT_KILL_AFTER_STEP": str(kill_after)}, check=False)
+    killed = run_train(
+        tiny_corpus, run_dir, env={"MEGAPATCH_FAULT_KILL_AFTER_STEP": str(kill_after)}, check=False
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     steps_before = [r["step"] for r in train_records(run_dir)]
     assert steps_before[-1] == kill_after
     run_train(tiny_corpus, run_dir)  # train.resume=auto is the default
     resumed, reference = train_records(run_dir), train_records(reference_run)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=0, atol=1e-6
+    )
     assert [r["data_crc"] for r in resumed] == [r["data_crc"] for r in reference]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
@@ -95,7 +103,9 @@ def test_optimizer_state_is_reset_at_the_switch_unless_disabled(tiny_corpus, tmp
 
     def adam_steps(run_dir):
         step_dir = run_dir / "checkpoints" / f"step_{PATCH_STEPS + 1:08d}"
-        optim = torch.load(next(step_dir.glob("*optim_states.pt")), map_location="cpu", weights_only=False)
+        optim = torch.load(
+            next(step_dir.glob("*optim_states.pt")), map_location="cpu", weights_only=False
+        )
         state = optim["optimizer_state_dict"]["base_optimizer_state"]["state"]
         return {int(s["step"]) for s in state.values()}
 
@@ -128,5 +138,7 @@ def test_tp2_matches_one_process(reference_run, tiny_corpus, tmp_path):
 @pytest.mark.distributed
 def test_tp2_dp2_matches_one_process(reference_run, tiny_corpus, tmp_path):
     run_dir = tmp_path / "tp2dp2"
-    run_train(tiny_corpus, run_dir, "parallel.tensor_model_parallel_size=2", "train.max_steps=10", nproc=4)
+    run_train(
+        tiny_corpus, run_dir, "parallel.tensor_model_parallel_size=2", "train.max_steps=10", nproc=4
+    )
     np.testing.assert_allclose(_losses(run_dir), _losses(reference_run)[:10], rtol=2e-5, atol=2e-5)

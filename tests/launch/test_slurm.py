@@ -197,12 +197,31 @@ def test_direct_srun_of_the_engine_maps_slurm_ranks(slurm, launch_corpus, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**slurm.env, **script_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **slurm.env,
+        **script_env(),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
     proc = slurm.run(
-        ["srun", "--ntasks=2", "--time=10", sys.executable, "-m", "megapatch", "train", TINY_CONFIG,
-         *TINY_OVERRIDES, f"data.path={launch_corpus}", f"run.dir={run_dir}"],
-        check=False, env=env, cwd=REPO, timeout=400,
+        [
+            "srun",
+            "--ntasks=2",
+            "--time=10",
+            sys.executable,
+            "-m",
+            "megapatch",
+            "train",
+            TINY_CONFIG,
+            *TINY_OVERRIDES,
+            f"data.path={launch_corpus}",
+            f"run.dir={run_dir}",
+        ],
+        check=False,
+        env=env,
+        cwd=REPO,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "TP=1 x DP=2 over 2 ranks" in proc.stderr
