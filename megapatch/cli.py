@@ -68,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:  # an optional dependency of that command is missing
         print(f"megapatch {command}: error: {exc}", file=sys.stderr)
         return 2
-    # intermixed: `megapatch plan CONFIG patch.size=2 --dp 8` works as users expect
-    args = parser.parse_intermixed_args(argv[1:])
+    # intermixed: `megapatch plan CONFIG patch.size=2 --dp 8` works as users expect; a
+    # command that passes its remaining arguments on (bench) parses them in order
+    if getattr(_load(command), "PASS_THROUGH", False):
+        args = parser.parse_args(argv[1:])
+    else:
+        args = parser.parse_intermixed_args(argv[1:])
     args.command = command
     from megapatch.logging_utils import setup_logging
 
