@@ -1,14 +1,18 @@
 """`make repro-tiny`: patch-level vs token-level training on the sample corpus, on this CPU.
 
-For each budget B it trains three arms of configs/tiny.yaml:
+For each budget B it compares three arms of configs/tiny.yaml (the first two train at
+the same time, one core each, so machine load hits both alike and their wall-time ratio
+is fair):
   token        token-only on B tokens                          (the baseline)
   patch-eqtok  K=4, λ=2/3 on B tokens                          (same data, ~half the compute)
   patch-eqflop K=4, λ=2/3 on 2B tokens                         (same compute as the baseline)
 plus a repeat of the token arm at the smallest budget (run-to-run determinism), then
 `megapatch compare` per budget and a plot of the patch − token validation-loss gap
-against the budget. Everything lands in --out (default runs/repro-tiny).
+against the budget. Runs are named by what they train (token-T, patch-T), so the
+same-compute arm of B and the same-tokens arm of 2B are one run. Everything lands in
+--out (default runs/repro-tiny); finished runs are reused.
 
-    python bench/repro_tiny.py --data data/shakespeare [--budgets 393216 786432]
+    python bench/repro_tiny.py --data data/shakespeare [--budgets 196608 393216]
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ sys.path.insert(0, str(REPO))
 TOKENS_PER_STEP = 8192  # configs/tiny.yaml
 
 
-def train(run_dir: Path, data: str, budget: int, extra: list[str]) -> dict:
-    cmd = [
+def train_command(run_dir: Path, data: str, budget: int, extra: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "megapatch",
@@ -44,24 +48,87 @@ def train(run_dir: Path, data: str, budget: int, extra: list[str]) -> dict:
         "train.resume=auto",
         *extra,
     ]
-    if (run_dir / "summary.json").is_file():
-        print(f"  {run_dir.name}: already done, reusing")
-    else:
-        t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+
+
+def train_side_by_side(jobs: list[tuple[Path, str, int, list[str]]]) -> list[dict]:
+    """Train runs at the same time, each pinned to its own core, so that whatever else the
+    machine does slows them alike: their wall-time ratio is then a fair one. Runs already
+    finished are reused (and the others then train alone)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    procs = []
+    for i, (run_dir, data, budget, extra) in enumerate(jobs):
+        if (run_dir / "summary.json").is_file():
+            print(f"  {run_dir.name}: already done, reusing")
+            continue
+        core = {cores[i % len(cores)]} if len(cores) >= len(jobs) else None
+        pin = (lambda c=core: os.sched_setaffinity(0, c)) if core else None
+        cmd = train_command(run_dir, data, budget, extra)
+        procs.append(
+            (
+                run_dir,
+                time.time(),
+                subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, preexec_fn=pin),
+            )
+        )
+    for run_dir, t0, proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"repro_tiny: training {run_dir} failed (exit {proc.returncode})")
         print(f"  {run_dir.name}: {time.time() - t0:.0f}s")
-    return json.loads((run_dir / "summary.json").read_text())
+    return [json.loads((job[0] / "summary.json").read_text()) for job in jobs]
 
 
-def arms(budget: int) -> dict[str, tuple[int, list[str]]]:
-    # eval.interval keeps ~8 evaluations per run whatever its length
-    def every(tokens: int) -> str:
-        return f"eval.interval={max(1, tokens // TOKENS_PER_STEP // 8)}"
+def train(run_dir: Path, data: str, budget: int, extra: list[str]) -> dict:
+    return train_side_by_side([(run_dir, data, budget, extra)])[0]
 
+
+def run_name_and_overrides(
+    kind: str, tokens: int, seed: int | None = None
+) -> tuple[str, list[str]]:
+    """A run is fixed by its kind, token count and seed (None: the config's);
+    eval.interval keeps ~8 evaluations."""
+    overrides = ["patch.fraction=0"] if kind == "token" else []
+    overrides.append(f"eval.interval={max(1, tokens // TOKENS_PER_STEP // 8)}")
+    name = f"{kind}-{tokens}"
+    if seed is not None:
+        name += f"-seed{seed}"
+        overrides.append(f"run.seed={seed}")
+    return name, overrides
+
+
+def arm_jobs(out: Path, data: str, budget: int, seed: int | None = None) -> dict:
+    """arm -> (run dir, data, tokens, overrides) for one budget."""
+    jobs = {}
+    for arm, (kind, tokens) in arms(budget).items():
+        name, extra = run_name_and_overrides(kind, tokens, seed)
+        jobs[arm] = (out / name, data, tokens, extra)
+    return jobs
+
+
+SIDE_BY_SIDE = ("token", "patch-eqtok")  # same tokens: their wall-time ratio is a result
+
+
+def train_arms(out: Path, data: str, budget: int, seed: int | None = None):
+    """The three arms of one budget: (run dirs, summaries), both keyed by arm."""
+    jobs = arm_jobs(out, data, budget, seed)
+    summaries = dict(zip(SIDE_BY_SIDE, train_side_by_side([jobs[a] for a in SIDE_BY_SIDE])))
+    summaries["patch-eqflop"] = train(*jobs["patch-eqflop"])
+    return {arm: job[0] for arm, job in jobs.items()}, summaries
+
+
+def gaps(summaries: dict) -> dict[str, float]:
+    token = summaries["token"]["val_loss"]
     return {
-        "token": (budget, ["patch.fraction=0", every(budget)]),
-        "patch-eqtok": (budget, [every(budget)]),
-        "patch-eqflop": (2 * budget, [every(2 * budget)]),
+        "gap_eqtok": summaries["patch-eqtok"]["val_loss"] - token,
+        "gap_eqflop": summaries["patch-eqflop"]["val_loss"] - token,
+    }
+
+
+def arms(budget: int) -> dict[str, tuple[str, int]]:
+    """arm -> (run kind, tokens)."""
+    return {
+        "token": ("token", budget),
+        "patch-eqtok": ("patch", budget),
+        "patch-eqflop": ("patch", 2 * budget),
     }
 
 
@@ -77,12 +144,24 @@ def gap_plot(rows: list[dict], out: Path) -> Path:
         ("gap_eqtok", "patch (same tokens, ~½ compute) − token"),
         ("gap_eqflop", "patch (same compute, 2× tokens) − token"),
     ):
-        ax.plot(budgets, [r[key] for r in rows], marker="o", label=label)
+        (line,) = ax.plot(budgets, [r[key] for r in rows], marker="o", label=label)
+        spread = [r for r in rows if f"{key}_range" in r]
+        if spread:  # the range over seeds where it was measured
+            lo = [r[key] - r[f"{key}_range"][0] for r in spread]
+            hi = [r[f"{key}_range"][1] - r[key] for r in spread]
+            ax.errorbar(
+                [r["budget"] for r in spread],
+                [r[key] for r in spread],
+                yerr=[lo, hi],
+                fmt="none",
+                ecolor=line.get_color(),
+                capsize=4,
+            )
     ax.axhline(0, color="gray", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("token budget of the token-only baseline")
     ax.set_ylabel("Δ final validation loss (nats); < 0: patch wins")
-    ax.set_title("patch-level minus token-level training, tiny model")
+    ax.set_title("patch-level minus token-level training, tiny model (bars: range over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -96,24 +175,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO / "data" / "shakespeare"))
     parser.add_argument("--out", default=str(REPO / "runs" / "repro-tiny"))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[196_608, 589_824])
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[98_304, 196_608, 393_216, 786_432]
+    )
+    parser.add_argument(
+        "--spread-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="other seeds for the arms of the smallest budgets (seed noise of the gaps)",
+    )
+    parser.add_argument(
+        "--spread-budgets", type=int, default=2, help="how many of the smallest budgets"
+    )
     args = parser.parse_args()
     from megapatch.report import compare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env_note = f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}"
+    # First every same-tokens pair side by side: a budget's same-compute run is the next
+    # budget's same-tokens patch run, which must not train alone first.
+    for budget in args.budgets:
+        print(f"budget {budget:,} tokens: token and patch arms side by side")
+        jobs = arm_jobs(out, args.data, budget)
+        train_side_by_side([jobs[a] for a in SIDE_BY_SIDE])
     rows = []
     for budget in args.budgets:
         print(f"budget {budget:,} tokens")
-        summaries = {
-            name: train(out / f"b{budget}-{name}", args.data, tokens, extra)
-            for name, (tokens, extra) in arms(budget).items()
-        }
+        run_dirs, summaries = train_arms(out, args.data, budget)
         report = compare(
-            [str(out / f"b{budget}-{n}") for n in summaries],
+            [str(d) for d in run_dirs.values()],
             str(out / f"report-b{budget}"),
-            names=list(summaries),
+            names=list(run_dirs),
         )
         print(report["table"])
         token = summaries["token"]
@@ -121,22 +215,27 @@ def main() -> int:
             {
                 "budget": budget,
                 **{f"val_{n}": s["val_loss"] for n, s in summaries.items()},
-                "gap_eqtok": summaries["patch-eqtok"]["val_loss"] - token["val_loss"],
-                "gap_eqflop": summaries["patch-eqflop"]["val_loss"] - token["val_loss"],
+                **gaps(summaries),
                 "wall_token_s": sum(token["wall_time_s"].values()),
                 "wall_eqtok_s": sum(summaries["patch-eqtok"]["wall_time_s"].values()),
                 "wall_eqflop_s": sum(summaries["patch-eqflop"]["wall_time_s"].values()),
             }
         )
         rows[-1]["wall_ratio_eqtok"] = rows[-1]["wall_eqtok_s"] / rows[-1]["wall_token_s"]
-    repeat = train(
-        out / f"b{args.budgets[0]}-token-repeat",
-        args.data,
-        args.budgets[0],
-        arms(args.budgets[0])["token"][1],
-    )
-    first = json.loads((out / f"b{args.budgets[0]}-token" / "summary.json").read_text())
+    name, extra = run_name_and_overrides("token", args.budgets[0])
+    repeat = train(out / f"{name}-repeat", args.data, args.budgets[0], extra)
+    first = json.loads((out / name / "summary.json").read_text())
     determinism = abs(repeat["val_loss"] - first["val_loss"])
+    # Seed noise: the gaps of the smallest budgets again with other seeds (init and data order)
+    for row in rows[: args.spread_budgets]:
+        print(f"seed spread at {row['budget']:,} tokens")
+        per_seed = [{k: row[k] for k in ("gap_eqtok", "gap_eqflop")}]
+        for seed in args.spread_seeds:
+            per_seed.append(gaps(train_arms(out, args.data, row["budget"], seed)[1]))
+        for key in ("gap_eqtok", "gap_eqflop"):
+            values = [g[key] for g in per_seed]
+            row[f"{key}_seeds"] = values
+            row[f"{key}_range"] = [min(values), max(values)]
     plot = gap_plot(rows, out)
     result = {
         "rows": rows,
@@ -155,6 +254,14 @@ def main() -> int:
             f"| {r['budget']:,} | {r['val_token']:.4f} | {r['val_patch-eqtok']:.4f} | {r['val_patch-eqflop']:.4f} | "
             f"{r['gap_eqtok']:+.4f} | {r['gap_eqflop']:+.4f} | {r['wall_ratio_eqtok']:.3f} |"
         )
+    for r in rows:
+        if "gap_eqtok_seeds" in r:
+            print(
+                f"seeds at {r['budget']:,}: Δ same-tokens "
+                + " ".join(f"{g:+.4f}" for g in r["gap_eqtok_seeds"])
+                + "; Δ same-compute "
+                + " ".join(f"{g:+.4f}" for g in r["gap_eqflop_seeds"])
+            )
     print(f"repeat of the token arm at {args.budgets[0]:,}: |Δ val loss| = {determinism:.2e} nats")
     print(f"wrote {out / 'results.json'} and {plot}")
     return 0
