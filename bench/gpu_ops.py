@@ -92,6 +92,20 @@ def plain_bf16_loss(hidden, weight, targets, vocab_size):
     return -(picked * kept).sum() / kept.sum().clamp(min=1)
 
 
+def _atomic_backward(fn):
+    """fn with the Triton loss's backward switched to its atomic-add variant."""
+    from megapatch.ops import triton_ops
+
+    def wrapped(*args, **kwargs):
+        saved, triton_ops.BACKWARD = triton_ops.BACKWARD, "atomic"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            triton_ops.BACKWARD = saved
+
+    return wrapped
+
+
 def _timed(fn, device, reps):
     """Median seconds and peak extra memory (MiB) of fn() over reps runs after a warm-up."""
     fn()
@@ -160,12 +174,14 @@ def check_low_precision(device, dtype, shapes):
         plain_fn = functools.partial(plain_bf16_loss, vocab_size=vocab_size)
         plain = _errors(_loss_and_grads(plain_fn, hidden, weight, targets), truth)
         row = {"shape": [n, v, vocab_size, d, k], "plain_bf16": plain}
-        for backend in ("triton", "torch"):
-            fn = functools.partial(patch_loss, vocab_size=vocab_size, backend=backend)
+        for backend in ("triton", "triton-atomic", "torch"):
+            fn = functools.partial(patch_loss, vocab_size=vocab_size, backend=backend[:6])
+            if backend == "triton-atomic":
+                fn = _atomic_backward(fn)
             err = _errors(_loss_and_grads(fn, hidden, weight, targets), truth)
             row[backend] = err
             bad = [key for key in err if err[key] > plain[key] + 1e-2]
-            if backend == "triton" and bad:
+            if backend.startswith("triton") and bad:
                 failures.append(f"bf16 patch_loss {n}x{v}x{d} K={k}: {bad} {err} vs plain {plain}")
         # Embedding: fp32-accumulated gather-mean vs bf16 F.embedding_bag.
         ids = targets.clamp(min=0)
@@ -218,6 +234,9 @@ def _time_shape(device, dtype, n, v, d, k, reps):
 
     cases = {
         "triton": lambda: patch_loss(hidden, weight, targets, backend="triton"),
+        "triton, atomic backward": _atomic_backward(
+            lambda: patch_loss(hidden, weight, targets, backend="triton")
+        ),
         "torch (chunked)": lambda: patch_loss(hidden, weight, targets, backend="torch"),
         "reference (fp32 logits)": lambda: patch_loss(hidden, weight, targets, backend="reference"),
         "plain bf16 PyTorch": lambda: plain_bf16_loss(hidden, weight, targets, v),
@@ -320,7 +339,7 @@ def main() -> int:
     failures += bad
     for row in result["low_precision"]:
         print(f"{low} {row['shape']}: {'ok' if row['ok'] else 'FAIL'}")
-        for key in ("plain_bf16", "triton", "torch"):
+        for key in ("plain_bf16", "triton", "triton-atomic", "torch"):
             print(f"    {key:12s} " + " ".join(f"{k}={v:.2e}" for k, v in row[key].items()))
         for key, err in row["embedding"].items():
             print(f"    emb {key:8s} " + " ".join(f"{k}={v:.2e}" for k, v in err.items()))

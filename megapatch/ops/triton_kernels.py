@@ -237,3 +237,42 @@ def softmax_backward_kernel(
                 mask=col_ok[:, None] & d_ok[None, :],
                 sem="relaxed",
             )
+
+
+@triton.jit
+def softmax_grad_kernel(
+    hidden_ptr,  # [N, D]
+    weight_ptr,  # [V_shard, D]
+    lse_ptr,  # [N] fp32, the global logsumexp of each row
+    coef_ptr,  # [N] fp32, dLoss/dlse of each row
+    out_ptr,  # [row_end - row_start, V_shard] in the input dtype: the softmax part of dLoss/dz
+    row_start,
+    row_end,
+    D,
+    real_cols,
+    out_cols,  # V_shard: the row stride of out (padding columns get 0)
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """exp(z − lse) · coef for a chunk of rows, z recomputed in fp32 tile by tile; the two
+    products that turn it into grad_hidden and grad_weight are left to cuBLAS."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = row_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < row_end
+    z = _logits_tile(
+        hidden_ptr, weight_ptr, rows, cols, row_end, D, real_cols, BLOCK_N, BLOCK_V, BLOCK_D,
+        PRECISION,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    grad_z = tl.exp(z - lse[:, None]) * coef[:, None]  # [BLOCK_N, BLOCK_V]; 0 in padding
+    out = out_ptr + (rows - row_start).to(tl.int64)[:, None] * out_cols + cols[None, :]
+    tl.store(
+        out,
+        grad_z.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols < out_cols)[None, :],
+    )

@@ -2,8 +2,8 @@
 
 patch_loss never materializes logits: the forward streams vocabulary tiles through an
 online logsumexp (split over the vocabulary for parallelism, splits combined here), the
-backward recomputes each [BLOCK_N, BLOCK_V] tile of logits and pushes its softmax
-gradient through both matmuls with fp32 atomics. The target part uses the identity
+backward recomputes the logits tile by tile and turns their softmax gradient into
+grad_hidden and grad_weight (see BACKWARD below). The target part uses the identity
 (1/K)Σ_k z[y_k] = h·mean_k W[y_k]: a gather of K weight rows, never K copies of h.
 """
 
@@ -141,6 +141,40 @@ def _shard_logsumexp(hidden, weight, real_cols):
     return row_max, sum_exp
 
 
+# How the backward turns the softmax gradient into grad_hidden and grad_weight:
+#   "atomic": one kernel recomputes each logit tile and adds both products into fp32
+#             accumulators with atomics (no buffer; the atomics bound its speed);
+#   "gemm":   a kernel writes the softmax gradient of a chunk of rows in the input dtype
+#             (≤ GRAD_CHUNK_BYTES) and cuBLAS does the two products.
+BACKWARD = "gemm"
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def _softmax_backward_by_chunks(hidden, weight, lse, coef, grad_h, grad_w, real_cols):
+    """grad_h += G·W and grad_w += Gᵀ·h, G = exp(z − lse)·coef, one chunk of rows at a time."""
+    n, d = hidden.shape
+    cols = weight.shape[0]
+    blocks = _loss_blocks(hidden.device, hidden.dtype)
+    # At most GRAD_CHUNK_BYTES, and at most 1/16 of the rows: the buffer stays a small
+    # fraction of the [N, V] logits the fused loss exists to avoid.
+    cap = max(1, GRAD_CHUNK_BYTES // (cols * hidden.element_size()))
+    rows_per_chunk = max(1, min(cap, triton.cdiv(n, 16)))
+    buffer = torch.empty(rows_per_chunk, cols, dtype=hidden.dtype, device=hidden.device)
+    need_h, need_w = grad_h.shape[0] == n, grad_w.shape[0] == cols
+    for start in range(0, n, rows_per_chunk):
+        end = min(n, start + rows_per_chunk)
+        grad_z = buffer[: end - start]
+        grid = (triton.cdiv(end - start, blocks["BLOCK_N"]), triton.cdiv(cols, blocks["BLOCK_V"]))
+        kernels.softmax_grad_kernel[grid](
+            hidden, weight, lse, coef, grad_z, start, end, d, real_cols, cols,
+            PRECISION=_precision(hidden.dtype), **blocks,
+        )  # fmt: skip
+        if need_h:
+            grad_h[start:end] += torch.mm(grad_z, weight)
+        if need_w:
+            grad_w += torch.mm(grad_z.t(), hidden[start:end])
+
+
 class _PatchLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, group):
@@ -171,6 +205,7 @@ class _PatchLoss(torch.autograd.Function):
 
         ctx.save_for_backward(hidden, weight, ids, lse, counts, total)
         ctx.vocab_start, ctx.real_cols, ctx.group = vocab_start, real_cols, group
+        ctx.backward_mode = BACKWARD  # fixed when the graph is built
         return loss  # fp32 whatever the inputs: a bf16 loss would log to 3 significant digits
 
     @staticmethod
@@ -186,15 +221,19 @@ class _PatchLoss(torch.autograd.Function):
         grad_w = torch.zeros(
             weight.shape if need_w else (1, d), dtype=torch.float32, device=weight.device
         )
-        blocks = _loss_blocks(hidden.device, hidden.dtype)
-        grid = (
-            triton.cdiv(n, blocks["BLOCK_N"]),
-            max(1, triton.cdiv(ctx.real_cols, blocks["BLOCK_V"])),
-        )
-        kernels.softmax_backward_kernel[grid](
-            hidden, weight, lse, coef, grad_h, grad_w, n, d, ctx.real_cols,
-            PRECISION=_precision(hidden.dtype), GRAD_HIDDEN=need_h, GRAD_WEIGHT=need_w, **blocks,
-        )  # fmt: skip
+        if ctx.backward_mode == "gemm":
+            _softmax_backward_by_chunks(hidden, weight, lse, coef, grad_h, grad_w, ctx.real_cols)
+        else:
+            blocks = _loss_blocks(hidden.device, hidden.dtype)
+            grid = (
+                triton.cdiv(n, blocks["BLOCK_N"]),
+                max(1, triton.cdiv(ctx.real_cols, blocks["BLOCK_V"])),
+            )
+            kernels.softmax_backward_kernel[grid](
+                hidden, weight, lse, coef, grad_h, grad_w, n, d, ctx.real_cols,
+                PRECISION=_precision(hidden.dtype), GRAD_HIDDEN=need_h, GRAD_WEIGHT=need_w,
+                **blocks,
+            )  # fmt: skip
         # The one-hot part: −scale·Σ_k W[y_k] into grad_h, −scale·h into the target rows of grad_w.
         if need_h:
             gather_sum(ids, weight, -scale, ctx.vocab_start, out=grad_h)

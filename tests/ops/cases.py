@@ -106,3 +106,14 @@ def largest_tensor(backend, n=256, v=500, d=16, k=4):
     finally:
         chunked.LOGITS_PER_CHUNK = saved
     return Largest.nbytes, n * v * 4
+
+
+def loss_errors_with_backward(backend, mode, *args):
+    """loss_errors with the Triton loss's backward in `mode` ("gemm" or "atomic")."""
+    from megapatch.ops import triton_ops
+
+    saved, triton_ops.BACKWARD = triton_ops.BACKWARD, mode
+    try:
+        return loss_errors(backend, *args)
+    finally:
+        triton_ops.BACKWARD = saved

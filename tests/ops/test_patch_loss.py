@@ -36,6 +36,13 @@ def test_torch_many_ragged_chunks(run, fuse):
     _assert_close(run(cases.loss_errors, 252, 507, 123, 4, 500, 0.2, 7, 50, fuse))
 
 
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+def test_triton_backward_modes(run, mode):
+    # 252 rows: the gemm mode runs 16 ragged chunks of 16 rows (the last one 12).
+    _assert_close(run(cases.loss_errors_with_backward, mode, 252, 507, 123, 4, 500, 0.2, 3))
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_all_targets_ignored_gives_zero_loss_and_grads(run):
     assert run(cases.all_ignored) == (0.0, 0, 0)
