@@ -32,9 +32,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megapatch.ops import patch_embedding, patch_loss  # noqa: E402
+from megapatch.ops import patch_embedding, patch_loss, triton_ops  # noqa: E402
 
 IGNORE = -100
+# The Triton loss's backward mode that is not the default, timed beside it.
+OTHER_BACKWARD = {"atomic": "gemm", "gemm": "atomic"}[triton_ops.BACKWARD]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -92,12 +94,13 @@ def plain_bf16_loss(hidden, weight, targets, vocab_size):
     return -(picked * kept).sum() / kept.sum().clamp(min=1)
 
 
-def _atomic_backward(fn):
-    """fn with the Triton loss's backward switched to its atomic-add variant."""
+def _other_backward(fn):
+    """fn with the Triton loss's backward switched to its other mode (see triton_ops.BACKWARD)."""
     from megapatch.ops import triton_ops
 
     def wrapped(*args, **kwargs):
-        saved, triton_ops.BACKWARD = triton_ops.BACKWARD, "atomic"
+        saved = triton_ops.BACKWARD
+        triton_ops.BACKWARD = OTHER_BACKWARD
         try:
             return fn(*args, **kwargs)
         finally:
@@ -174,10 +177,10 @@ def check_low_precision(device, dtype, shapes):
         plain_fn = functools.partial(plain_bf16_loss, vocab_size=vocab_size)
         plain = _errors(_loss_and_grads(plain_fn, hidden, weight, targets), truth)
         row = {"shape": [n, v, vocab_size, d, k], "plain_bf16": plain}
-        for backend in ("triton", "triton-atomic", "torch"):
+        for backend in ("triton", f"triton-{OTHER_BACKWARD}", "torch"):
             fn = functools.partial(patch_loss, vocab_size=vocab_size, backend=backend[:6])
-            if backend == "triton-atomic":
-                fn = _atomic_backward(fn)
+            if backend == f"triton-{OTHER_BACKWARD}":
+                fn = _other_backward(fn)
             err = _errors(_loss_and_grads(fn, hidden, weight, targets), truth)
             row[backend] = err
             bad = [key for key in err if err[key] > plain[key] + 1e-2]
@@ -234,7 +237,7 @@ def _time_shape(device, dtype, n, v, d, k, reps):
 
     cases = {
         "triton": lambda: patch_loss(hidden, weight, targets, backend="triton"),
-        "triton, atomic backward": _atomic_backward(
+        f"triton, {OTHER_BACKWARD} backward": _other_backward(
             lambda: patch_loss(hidden, weight, targets, backend="triton")
         ),
         "torch (chunked)": lambda: patch_loss(hidden, weight, targets, backend="torch"),
@@ -339,7 +342,7 @@ def main() -> int:
     failures += bad
     for row in result["low_precision"]:
         print(f"{low} {row['shape']}: {'ok' if row['ok'] else 'FAIL'}")
-        for key in ("plain_bf16", "triton", "triton-atomic", "torch"):
+        for key in ("plain_bf16", "triton", f"triton-{OTHER_BACKWARD}", "torch"):
             print(f"    {key:12s} " + " ".join(f"{k}={v:.2e}" for k, v in row[key].items()))
         for key, err in row["embedding"].items():
             print(f"    emb {key:8s} " + " ".join(f"{k}={v:.2e}" for k, v in err.items()))

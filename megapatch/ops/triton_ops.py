@@ -146,7 +146,9 @@ def _shard_logsumexp(hidden, weight, real_cols):
 #             accumulators with atomics (no buffer; the atomics bound its speed);
 #   "gemm":   a kernel writes the softmax gradient of a chunk of rows in the input dtype
 #             (≤ GRAD_CHUNK_BYTES) and cuBLAS does the two products.
-BACKWARD = "gemm"
+# "atomic" is the one measured on a GPU so far (docs/benchmarks.md); bench/gpu_ops.py times
+# both side by side, and the faster one should become the default.
+BACKWARD = "atomic"
 GRAD_CHUNK_BYTES = 256 * 2**20
 
 
