@@ -73,7 +73,11 @@ def train_side_by_side(jobs: list[tuple[Path, str, int, list[str]]]) -> list[dic
     for run_dir, t0, proc in procs:
         if proc.wait() != 0:
             raise SystemExit(f"repro_tiny: training {run_dir} failed (exit {proc.returncode})")
-        print(f"  {run_dir.name}: {time.time() - t0:.0f}s")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(
+            f"  {run_dir.name}: {sum(summary['wall_time_s'].values()):.0f}s of training steps "
+            f"(the process: {time.time() - t0:.0f}s, or less if another run ended after it)"
+        )
     return [json.loads((job[0] / "summary.json").read_text()) for job in jobs]
 
 
