@@ -1,6 +1,6 @@
 # megapatch for NVIDIA GPUs: PyTorch and CUDA from the official image (pinned by tag),
-# DeepSpeed with its fused Adam compiled ahead (no JIT build at the first step), Triton,
-# and this checkout installed as the `megapatch` command, run as an unprivileged user.
+# DeepSpeed (no compiled ops needed: megapatch uses torch's fused AdamW), Triton, and this
+# checkout installed as the `megapatch` command, run as an unprivileged user.
 #
 #   docker build -t megapatch .
 #   docker run --gpus all --ipc=host --rm -v "$PWD/data:/workspace/data" \
@@ -8,11 +8,10 @@
 #
 # More (several GPUs, SLURM with pyxis/enroot or apptainer): launch/README.md.
 
-# CUDA 12.8 "devel" (nvcc, to build DeepSpeed ops), PyTorch 2.7.1, Python 3.11, Triton.
+# CUDA 12.8 "devel" (a C compiler for Triton's launchers and torch.compile, nvcc for any
+# DeepSpeed op a user's DeepSpeed config asks for), PyTorch 2.7.1, Python 3.11, Triton.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 
-# GPUs the prebuilt DeepSpeed ops target: A100 (8.0), A10/L40S (8.6, 8.9), H100/H200 (9.0).
-ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 ARG DEEPSPEED_VERSION=0.19.8
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -27,11 +26,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends procps pdsh openssh-client libaio-dev \
     && rm -rf /var/lib/apt/lists/*
 
-# DeepSpeed against the image's torch, with the fused Adam that its GPU AdamW uses built
-# now for the architectures above; any other op still JIT-compiles on first use (into
-# ~/.cache/torch_extensions).
-RUN TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" DS_BUILD_FUSED_ADAM=1 \
-    pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+# DeepSpeed against the image's torch. Its optimizer is torch's fused AdamW (set by
+# megapatch), so no op is compiled here; one a config asks for JIT-compiles on first use
+# (into ~/.cache/torch_extensions).
+RUN pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 
 # The package, its remaining dependencies (torch, triton and deepspeed are already
 # there) and the Hugging Face export extra; pyproject.toml holds their version ranges.

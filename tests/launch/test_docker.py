@@ -58,10 +58,10 @@ def test_entrypoint_is_megapatch():
     assert json.loads(entrypoint) == ["megapatch"], 'use the exec form: ENTRYPOINT ["megapatch"]'
 
 
-def test_installs_the_package_and_prebuilds_deepspeed_ops():
+def test_installs_the_package_and_a_pinned_deepspeed():
     runs = " ".join(_all("RUN"))
     assert re.search(r"pip install [^&]*\"\.(\[[\w,]+\])?\"", runs), "megapatch itself is installed"
-    assert re.search(r"DS_BUILD_FUSED_ADAM=1 .*pip install .*deepspeed==", runs)
+    assert re.search(r"pip install .*deepspeed==", runs)
 
 
 def _dockerignore() -> list[str]:
