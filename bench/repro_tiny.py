@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.side_by_side import run_side_by_side  # noqa: E402
 
 TOKENS_PER_STEP = 8192  # configs/tiny.yaml
 
@@ -51,33 +50,20 @@ def train_command(run_dir: Path, data: str, budget: int, extra: list[str]) -> li
 
 
 def train_side_by_side(jobs: list[tuple[Path, str, int, list[str]]]) -> list[dict]:
-    """Train runs at the same time, each pinned to its own core, so that whatever else the
-    machine does slows them alike: their wall-time ratio is then a fair one. Runs already
-    finished are reused (and the others then train alone)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    procs = []
-    for i, (run_dir, data, budget, extra) in enumerate(jobs):
+    """Train runs at the same time, one core each (bench/side_by_side.py): their wall-time
+    ratio is then fair on a busy machine. Finished runs are reused (the others then train
+    without a partner)."""
+    todo = []
+    for run_dir, data, budget, extra in jobs:
         if (run_dir / "summary.json").is_file():
             print(f"  {run_dir.name}: already done, reusing")
-            continue
-        core = {cores[i % len(cores)]} if len(cores) >= len(jobs) else None
-        pin = (lambda c=core: os.sched_setaffinity(0, c)) if core else None
-        cmd = train_command(run_dir, data, budget, extra)
-        procs.append(
-            (
-                run_dir,
-                time.time(),
-                subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, preexec_fn=pin),
-            )
-        )
-    for run_dir, t0, proc in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"repro_tiny: training {run_dir} failed (exit {proc.returncode})")
+        else:
+            todo.append((run_dir, train_command(run_dir, data, budget, extra)))
+    if todo:
+        run_side_by_side([cmd for _, cmd in todo], cwd=REPO)
+    for run_dir, _ in todo:
         summary = json.loads((run_dir / "summary.json").read_text())
-        print(
-            f"  {run_dir.name}: {sum(summary['wall_time_s'].values()):.0f}s of training steps "
-            f"(the process: {time.time() - t0:.0f}s, or less if another run ended after it)"
-        )
+        print(f"  {run_dir.name}: {sum(summary['wall_time_s'].values()):.0f}s of training steps")
     return [json.loads((job[0] / "summary.json").read_text()) for job in jobs]
 
 

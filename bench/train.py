@@ -5,7 +5,8 @@ optimizer steps of the patch phase and the token phase — same model, same toke
 step — so the machine's noise hits both alike. Target: patch tokens/s ≥ 0.9·K × token.
 
 Part 2 (`--full`) trains the config twice through `megapatch train` (K=4, λ=2/3, and
-token-only on the same budget) and compares the training wall time. Target: ≤ 0.55×.
+token-only on the same budget), side by side on one core each, and compares the training
+wall time. Target: ≤ 0.55×.
 
     python bench/train.py --data data/shakespeare [--steps 8] [--full] [--config configs/tiny.yaml]
 """
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.side_by_side import run_side_by_side  # noqa: E402
 
 
 def interleaved_phase_throughput(
@@ -127,43 +128,32 @@ def _profile_step(trainer, phase, batches, out_dir: Path) -> str:
 
 
 def full_runs(config: str, data: str, overrides: list[str]) -> dict:
+    """Both arms end to end through `megapatch train`, side by side (one core each)."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
-        for arm, extra in (("patch", []), ("token", ["patch.fraction=0"])):
-            run_dir = Path(tmp) / arm
-            cmd = [
-                sys.executable,
-                "-m",
-                "megapatch",
-                "train",
-                config,
-                f"data.path={data}",
-                f"run.dir={run_dir}",
-                "logging.wandb_mode=disabled",
-                "logging.progress=false",
-                "eval.interval=0",
-                "eval.at_end=false",
-                "checkpoint.interval=0",
-                "checkpoint.at_switch=false",
-                *overrides,
-                *extra,
+        arms = {"patch": [], "token": ["patch.fraction=0"]}
+        commands = [
+            [
+                sys.executable, "-m", "megapatch", "train", config, f"data.path={data}",
+                f"run.dir={Path(tmp) / arm}", "logging.wandb_mode=disabled",
+                "logging.progress=false", "eval.interval=0", "eval.at_end=false",
+                "checkpoint.interval=0", "checkpoint.at_switch=false", *overrides, *extra,
             ]
-            # a fresh world of one: drop the rendezvous variables part 1 set in this process
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k
-                not in (
-                    "RANK",
-                    "WORLD_SIZE",
-                    "LOCAL_RANK",
-                    "LOCAL_WORLD_SIZE",
-                    "MASTER_ADDR",
-                    "MASTER_PORT",
-                )
-            }
-            subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
-            summary = json.loads((run_dir / "summary.json").read_text())
+            for arm, extra in arms.items()
+        ]  # fmt: skip
+        # a fresh world of one each: drop the rendezvous variables part 1 set in this process
+        rendezvous = (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        )
+        env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+        run_side_by_side(commands, cwd=REPO, env=env)
+        for arm in arms:
+            summary = json.loads((Path(tmp) / arm / "summary.json").read_text())
             results[arm] = {
                 "wall_time_s": sum(summary["wall_time_s"].values()),
                 "tokens": sum(summary["tokens"].values()),
@@ -171,6 +161,7 @@ def full_runs(config: str, data: str, overrides: list[str]) -> dict:
             }
     results["wall_time_ratio"] = results["patch"]["wall_time_s"] / results["token"]["wall_time_s"]
     results["target"] = 0.55
+    results["side_by_side"] = True
     return results
 
 
