@@ -4,9 +4,11 @@ torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; `sr
 sets SLURM_* (the sbatch script exports MASTER_ADDR/MASTER_PORT); a plain process
 sets nothing and becomes a world of one.
 
-Every collective is bounded by one timeout (MEGAPATCH_COLLECTIVE_TIMEOUT_S, default 600 s):
-when a rank dies or hangs, the others fail within it instead of waiting forever, and
-`rank_failures_reported` turns that failure into one clear line.
+Every collective is bounded by one timeout (train.collective_timeout_s, default 600 s; the
+environment variable MEGAPATCH_COLLECTIVE_TIMEOUT_S, when set, overrides it): when a rank
+dies or hangs, the others fail within it instead of waiting forever, and
+`rank_failures_reported` turns that failure into one clear line naming the timeout and
+where it came from.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import torch.distributed as dist
 from megapatch.errors import ConfigError, MegapatchError
 
 TIMEOUT_ENV = "MEGAPATCH_COLLECTIVE_TIMEOUT_S"
+TIMEOUT_KEY = "train.collective_timeout_s"
 DEFAULT_TIMEOUT_S = 600.0
-_timeout_s = DEFAULT_TIMEOUT_S  # the bound the process group was started with
+# The bound the process group was started with, and what set it (named in errors).
+_timeout_s = DEFAULT_TIMEOUT_S
+_timeout_source = TIMEOUT_KEY
 
 
 class RankFailureError(MegapatchError):
@@ -67,45 +72,57 @@ def _adopt_slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def collective_timeout_s() -> float:
-    """The collective timeout from MEGAPATCH_COLLECTIVE_TIMEOUT_S (seconds), else 600."""
+def collective_timeout_s(configured_s: float | None = None) -> float:
+    """The collective timeout in seconds; see `resolve_collective_timeout`."""
+    return resolve_collective_timeout(configured_s)[0]
+
+
+def resolve_collective_timeout(configured_s: float | None = None) -> tuple[float, str]:
+    """(seconds, where they came from): MEGAPATCH_COLLECTIVE_TIMEOUT_S when set (cluster
+    admins set it in job scripts, so it wins), else `configured_s` (the validated
+    train.collective_timeout_s), else 600."""
     value = os.environ.get(TIMEOUT_ENV, "").strip()
     if not value:
-        return DEFAULT_TIMEOUT_S
+        return (DEFAULT_TIMEOUT_S if configured_s is None else configured_s), TIMEOUT_KEY
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
-    return seconds
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(
+            f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds (the variable "
+            f"overrides {TIMEOUT_KEY}; unset it to use the config's value)"
+        )
+    return seconds, TIMEOUT_ENV
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """Bound the collectives of groups made from now on (and name the bound in errors).
+def set_collective_timeout(seconds: float, source: str) -> None:
+    """Bound the collectives of groups made from now on (and name the bound and its
+    `source`, a config key or variable, in errors).
 
     Groups made with new_group (TP/DP, DeepSpeed's own) take torch's 30-minute default,
     not the world group's timeout: make them inherit ours, so a dead or hung peer fails
     every collective within the same bound.
     """
-    global _timeout_s
+    global _timeout_s, _timeout_source
     from torch.distributed import distributed_c10d as c10d
 
     timeout = datetime.timedelta(seconds=seconds)
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if isinstance(getattr(c10d, name, None), datetime.timedelta):
             setattr(c10d, name, timeout)
-    _timeout_s = seconds
+    _timeout_s, _timeout_source = seconds, source
 
 
 def init_distributed(timeout_s: float | None = None) -> DistEnv:
     """Initialise torch.distributed (via DeepSpeed) for whatever launched us; idempotent.
 
-    `timeout_s` bounds every collective (None: MEGAPATCH_COLLECTIVE_TIMEOUT_S, else 600 s).
+    `timeout_s` (train.collective_timeout_s; None: 600 s) bounds every collective;
+    MEGAPATCH_COLLECTIVE_TIMEOUT_S, when set, overrides it.
     """
     import deepspeed
 
-    timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
+    timeout_s, source = resolve_collective_timeout(timeout_s)
     _adopt_slurm_env()
     if "RANK" not in os.environ:  # a plain single process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -126,7 +143,7 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-        set_collective_timeout(timeout_s)
+        set_collective_timeout(timeout_s, source)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -178,5 +195,5 @@ def rank_failures_reported(where: Callable[[], str]) -> Iterator[None]:
         raise RankFailureError(
             f"rank {dist.get_rank()} lost contact with the other ranks ({_cause(exc)}): another rank "
             f"died, or stopped responding for longer than the collective timeout of {_timeout_s:g} s "
-            f"({TIMEOUT_ENV}); stopped {where()}"
+            f"({_timeout_source}); stopped {where()}"
         ) from exc

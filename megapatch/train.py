@@ -107,7 +107,8 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last or 0)
         check_run_dir(cfg, self.run_dir, self.ckpt)
         self.ckpt.check_writable()
-        self.failed_saves = 0
+        self.failed_saves = 0  # in this process, for summary.json
+        self.failed_saves_in_a_row = 0  # against checkpoint.max_failed_saves
 
         self.streams = phase_streams(cfg, self.plan, self.corpus)
         self.valid_windows = validation_windows(cfg, self.plan, self.valid_corpus)
@@ -207,13 +208,18 @@ class Trainer:
 
     def save(self, reason: str, *, final: bool = False) -> None:
         """Checkpoint now. A periodic save that fails is logged loudly and retried at the next
-        save point: training goes on, its state still in memory. A failed `final` save (end,
-        max_steps, preemption) stops the run with the error: nothing later could save it."""
+        save point: training goes on, its state still in memory, unless more than
+        checkpoint.max_failed_saves saves failed in a row. A failed `final` save (end,
+        max_steps, preemption) stops the run with the error: nothing later could save it.
+
+        Every rank takes the same branch: CheckpointManager.save raises on all ranks when any
+        rank failed, so the counts, and the decision to stop, agree without a collective."""
         step = self.progress.global_step
         try:
             path = self.ckpt.save(self.engine, step, self._client_state(), rank_state={})
         except CheckpointWriteError as exc:
             self.failed_saves += 1
+            self.failed_saves_in_a_row += 1
             latest = self.ckpt.latest()
             since = latest.tag if latest else "the start of the run"
             if final:
@@ -221,13 +227,29 @@ class Trainer:
                     f"{exc}; this was the {reason} checkpoint, so training since {since} is lost: "
                     f"free space in (or fix) {self.ckpt.dir}, then rerun with train.resume=auto"
                 ) from None
+            limit = self.cfg.checkpoint.max_failed_saves
+            # At the run's last step the final save follows at once and reports its own failure.
+            more_training = step < self.plan.steps_to_run
+            if limit is not None and self.failed_saves_in_a_row > limit and more_training:
+                failures = self.failed_saves_in_a_row
+                raise CheckpointWriteError(
+                    f"{failures} checkpoint save{'s' if failures > 1 else ''} failed in a row "
+                    f"(checkpoint.max_failed_saves={limit}), the last: {exc}; stopped after step "
+                    f"{step}, the last good checkpoint is {latest.path if latest else 'none'} "
+                    f"(training since {since} is lost): free space in (or fix) {self.ckpt.dir}, "
+                    "then rerun with train.resume=auto"
+                ) from None
             log.error(
-                "%s; training goes on and the next save point retries (until one succeeds, "
-                "training since %s exists only in memory)",
+                "%s; training goes on and the next save point retries (%d failed in a row, "
+                "checkpoint.max_failed_saves=%s; until one succeeds, training since %s exists "
+                "only in memory)",
                 exc,
+                self.failed_saves_in_a_row,
+                "null" if limit is None else limit,
                 since,
             )
             return
+        self.failed_saves_in_a_row = 0
         log.info("checkpoint (%s) at step %d: %s", reason, step, path)
 
     def maybe_resume(self) -> int | None:
@@ -558,7 +580,7 @@ class Trainer:
 def train(cfg: RunConfig) -> RunResult:
     """Run (or resume) training for `cfg` in this process; every rank calls this."""
     data = open_run_data(cfg)  # bad data fails here, before any process group exists
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.run.seed)
     try:
         with rank_failures_reported(lambda: "while the run was starting"):

@@ -151,6 +151,12 @@ class TrainSection:
     """Consecutive non-finite losses (each step skipped) before the run stops."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (smoke tests); the plan itself is unchanged."""
+    collective_timeout_s: float = 600.0
+    """Seconds any collective (gloo/NCCL, DeepSpeed's own included) waits for the other
+    ranks: a rank that died or hangs stops the run after this long. Keep it above the
+    longest legitimate wait (a checkpoint write). The environment variable
+    MEGAPATCH_COLLECTIVE_TIMEOUT_S, when set, wins over this key (job scripts of cluster
+    admins set it)."""
     compile: bool = False
     """torch.compile each transformer block: fuses the norms, rotary embedding and SwiGLU
     (elementwise work that otherwise costs a fifth of a GPU step); the math is unchanged."""
@@ -168,6 +174,10 @@ class CheckpointSection:
     """Keep the newest N checkpoints; null = keep all."""
     at_switch: bool = True
     """Save right before the patch->token switch."""
+    max_failed_saves: int | None = 3
+    """Periodic saves that may fail in a row (disk full, read-only) while training goes on;
+    one more stops the run with its last good checkpoint. A good save resets the count;
+    0 = stop at the first failure; null = never stop for this."""
     dir: str | None = None
     """Checkpoint directory. null = <run.dir>/checkpoints."""
 

@@ -5,6 +5,7 @@ file (or override) that set the key."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 from megapatch.config.sections import RunConfig
@@ -61,7 +62,7 @@ _POSITIVE = """
 """.split()
 _NON_NEGATIVE = """
     data.num_workers data.prefetch train.min_lr train.warmup_steps train.weight_decay
-    train.grad_clip checkpoint.interval eval.interval
+    train.grad_clip checkpoint.interval checkpoint.max_failed_saves eval.interval
 """.split()
 _UNIT_INTERVAL = {  # [0, 1)
     "patch.fraction": "a number in [0, 1) (the share of the budget trained on patches)",
@@ -79,7 +80,7 @@ def validate(cfg: RunConfig, check: Checker) -> None:
         if get(key) is not None and get(key) <= 0:
             check.fail(key, get(key), "a positive value")
     for key in _NON_NEGATIVE:
-        if get(key) < 0:
+        if get(key) is not None and get(key) < 0:
             check.fail(key, get(key), "a value >= 0")
     for key, expected in _UNIT_INTERVAL.items():
         if not 0.0 <= get(key) < 1.0:
@@ -115,6 +116,12 @@ def validate(cfg: RunConfig, check: Checker) -> None:
         check.fail("data.path", d.path, "exactly one of data.path and data.blend to be set")
     if d.blend is not None:
         _validate_blend(d.blend, check)
+    if not 0 < t.collective_timeout_s < math.inf:  # NaN fails too
+        check.fail(
+            "train.collective_timeout_s",
+            t.collective_timeout_s,
+            "a positive finite number of seconds",
+        )
     if t.min_lr > t.lr:
         check.fail("train.min_lr", t.min_lr, f"at most train.lr={t.lr}")
     if not t.resume.strip():

@@ -26,7 +26,7 @@ def _silent_peer(rank, world_size):
         set_collective_timeout,
     )
 
-    set_collective_timeout(2.0)
+    set_collective_timeout(2.0, source="MEGAPATCH_COLLECTIVE_TIMEOUT_S")
     group = dist.new_group([0, 1])  # like the TP/DP groups: made after init
     store = dist.distributed_c10d._get_default_store()
     if rank == 1:
