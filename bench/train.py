@@ -48,7 +48,7 @@ def interleaved_phase_throughput(
             *overrides,
         ],
     )
-    trainer = Trainer(cfg, init_distributed())
+    trainer = Trainer(cfg, init_distributed(timeout_s=cfg.train.collective_timeout_s))
     patch, token = trainer.plan.phases
     loaders = {p.name: trainer.open_batches(p) for p in (patch, token)}
     batches = {name: iter(loader) for name, loader in loaders.items()}
