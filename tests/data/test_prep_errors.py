@@ -1,7 +1,6 @@
 """Bad input to `megapatch prep`: one clear line, exit code 2, nothing written over."""
 
 import json
-import logging
 import re
 
 import pytest
@@ -9,15 +8,6 @@ import sentencepiece
 
 from megapatch.cli import main
 from tests.data.helpers import synthetic_text
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    # The CLI binds its log handler to the stderr of the moment: capsys's, per test.
-    yield
-    logger = logging.getLogger("megapatch")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
 
 
 def _fails(capsys, argv, *fragments):

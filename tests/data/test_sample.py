@@ -1,7 +1,6 @@
 import dataclasses
 import io
 import json
-import logging
 import os
 import socket
 import tarfile
@@ -13,14 +12,6 @@ from data_prep.sample import fetch_sample
 from megapatch.cli import main
 from megapatch.data import Tokenizer, open_corpus, read_manifest
 from megapatch.errors import DataError
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    yield
-    logger = logging.getLogger("megapatch")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
 
 
 def _fake_sdist(path, texts: dict[str, str]):

@@ -1,18 +1,23 @@
-"""Shared fixtures for engine tests: a small real corpus and a way to run `megapatch train`."""
+"""Shared by the engine and hardening tests: a way to run `megapatch train` on the tiny
+corpus (the `tiny_corpus` fixture, tests/conftest.py) in real processes."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.fixtures import REPO, metrics, spawned_training_env, train_records
 
-from tests.data.helpers import synthetic_text
-
-REPO = Path(__file__).resolve().parents[2]
+__all__ = [
+    "REPO",
+    "TINY_OVERRIDES",
+    "metrics",
+    "run_train",
+    "train_cmd",
+    "train_env",
+    "train_records",
+]
 
 # A model small enough that a 12-step run takes seconds: K=4, lambda=2/3 gives 8 patch
 # steps (4 sequences of 64 tokens) then 4 token steps (16 sequences of 16 tokens).
@@ -42,44 +47,9 @@ TINY_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> Path:
-    """A real `megapatch prep` output: 12 synthetic documents, a 400-piece tokenizer."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = root / "texts"
-    texts.mkdir()
-    for i in range(12):
-        (texts / f"doc{i:02d}.txt").write_text(synthetic_text(100 + i, 2500))
-    out = root / "prep"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megapatch",
-            "prep",
-            str(texts),
-            "--vocab-size",
-            "400",
-            "--valid-fraction",
-            "0.1",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    return out
-
-
-def train_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MEGAPATCH_RECORD_DATA_CRC="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+def train_env(*overrides: str, **extra: str) -> dict[str, str]:
+    """The environment of a training process (it records the CRC of each step's data)."""
+    return spawned_training_env(*overrides, MEGAPATCH_RECORD_DATA_CRC="1", **extra)
 
 
 def train_cmd(nproc: int) -> list[str]:
@@ -119,7 +89,7 @@ def run_train(
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=train_env(**(env or {})),
+        env=train_env(*overrides, **(env or {})),
         timeout=timeout,
     )
     if check and proc.returncode != 0:
@@ -127,13 +97,3 @@ def run_train(
             f"train exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    """One record per optimizer step (the final evaluation record excluded)."""
-    return [r for r in metrics(run_dir) if "loss" in r]

@@ -1,4 +1,5 @@
-"""Real tiny training runs, shared by the export, eval and generate tests.
+"""Real tiny training runs of the `tiny_corpus` fixture (tests/conftest.py), shared by
+the export, eval and generate tests.
 
 Two runs of the same config (so the same weights up to float rounding: the batch order
 does not depend on the layout, and TP=n equals TP=1), patch phase then token phase:
@@ -11,8 +12,6 @@ Each takes about a minute on two busy cores; everything else here is fast.
 
 from __future__ import annotations
 
-import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megapatch.cli import main as cli_main
-from megapatch.logging_utils import LOGGER_NAME
-from tests.data.helpers import synthetic_text
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.fixtures import REPO, prep, run_cli, spawned_training_env
 
 # GQA, a non-default RoPE base and norm epsilon: config.json must carry all of them.
 TINY = [
@@ -59,22 +54,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_cli(*argv) -> int:
-    """`megapatch ARGV` in this process; returns the exit code.
-
-    The CLI attaches a log handler to the stream stderr is at that moment; pytest swaps
-    stderr per test, so the handler is removed again afterwards.
-    """
-    logger = logging.getLogger(LOGGER_NAME)
-    handlers, propagate = list(logger.handlers), logger.propagate
-    try:
-        return cli_main([str(a) for a in argv])
-    finally:
-        for handler in logger.handlers[len(handlers) :]:
-            logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
 @pytest.fixture()
 def cli(capsys):
     """run_cli after dropping what was printed before (fixture set-up), so a test's
@@ -87,33 +66,10 @@ def cli(capsys):
     return call
 
 
-def _prep(texts: Path, out: Path, vocab_size: int) -> Path:
-    code = run_cli(
-        "prep", texts, "--vocab-size", vocab_size, "--valid-fraction", "0.25",
-        "--workers", "1", "--no-progress", "--out", out,
-    )  # fmt: skip
-    assert code == 0, f"megapatch prep failed for {out}"
-    return out
-
-
 @pytest.fixture(scope="session")
-def corpus_texts(tmp_path_factory) -> Path:
-    texts = tmp_path_factory.mktemp("texts")
-    for i in range(8):
-        (texts / f"doc{i}.txt").write_text(synthetic_text(i, 1500), encoding="utf-8")
-    return texts
-
-
-@pytest.fixture(scope="session")
-def corpus(corpus_texts, tmp_path_factory) -> Path:
-    """`megapatch prep` output: a 400-piece tokenizer, train and valid splits."""
-    return _prep(corpus_texts, tmp_path_factory.mktemp("prep") / "data", 400)
-
-
-@pytest.fixture(scope="session")
-def other_corpus(corpus_texts, tmp_path_factory) -> Path:
-    """The same texts prepped with a 450-piece tokenizer: the wrong vocabulary."""
-    return _prep(corpus_texts, tmp_path_factory.mktemp("prep450") / "data", 450)
+def other_corpus(tiny_corpus_texts, tmp_path_factory) -> Path:
+    """The texts of `tiny_corpus` prepped with a 450-piece tokenizer: the wrong vocabulary."""
+    return prep(tiny_corpus_texts, tmp_path_factory.mktemp("prep450") / "data", vocab_size=450)
 
 
 def train(corpus: Path, run_dir: Path, *overrides: str, nproc: int) -> Path:
@@ -122,24 +78,28 @@ def train(corpus: Path, run_dir: Path, *overrides: str, nproc: int) -> Path:
         "-m", "megapatch", "train", str(REPO / "configs" / "tiny.yaml"), *TINY,
         f"data.path={corpus}", f"run.dir={run_dir}", *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = spawned_training_env(*overrides)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"training {run_dir} failed:\n{done.stderr[-3000:]}"
     return run_dir
 
 
 @pytest.fixture(scope="session")
-def tp2_run(corpus, tmp_path_factory) -> Path:
+def tp2_run(tiny_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tp2"
     return train(
-        corpus, run_dir, "parallel.tensor_model_parallel_size=2", "parallel.zero_stage=2", nproc=4
+        tiny_corpus,
+        run_dir,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.zero_stage=2",
+        nproc=4,
     )
 
 
 @pytest.fixture(scope="session")
-def zero3_run(corpus, tmp_path_factory) -> Path:
+def zero3_run(tiny_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "zero3"
-    return train(corpus, run_dir, "parallel.zero_stage=3", nproc=2)
+    return train(tiny_corpus, run_dir, "parallel.zero_stage=3", nproc=2)
 
 
 def one_error_line(err: str, command: str, *fragments: str) -> str:

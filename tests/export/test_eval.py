@@ -35,12 +35,12 @@ def test_eval_reproduces_the_engines_final_validation_loss(run, request, tmp_pat
 
 
 @pytest.mark.slow
-def test_eval_equals_cross_entropy_of_the_full_logits(tp2_run, corpus, cli):
+def test_eval_equals_cross_entropy_of_the_full_logits(tp2_run, tiny_corpus, cli):
     """Every window of the valid split (the default), against plain F.cross_entropy."""
     assert cli("eval", tp2_run) == 0
     ckpt = read_checkpoint(tp2_run)
     result = json.loads((tp2_run / "eval" / f"{ckpt.path.name}.valid.json").read_text())
-    windows = torch.from_numpy(eval_windows(open_corpus(corpus, "valid"), 16))  # [n, L+1]
+    windows = torch.from_numpy(eval_windows(open_corpus(tiny_corpus, "valid"), 16))  # [n, L+1]
     with torch.no_grad():
         logits = build_model(ckpt)(windows[:, :-1])  # [n, L, V]
     expected = F.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten())
@@ -50,12 +50,16 @@ def test_eval_equals_cross_entropy_of_the_full_logits(tp2_run, corpus, cli):
 
 
 @pytest.mark.slow
-def test_a_model_with_more_vocabulary_rows_than_its_tokenizer_is_evaluated(corpus, tmp_path, cli):
+def test_a_model_with_more_vocabulary_rows_than_its_tokenizer_is_evaluated(
+    tiny_corpus, tmp_path, cli
+):
     """model.vocab_size above the tokenizer's (as the paper configs set 32,000) trains, so
     eval must take the same data: the tokenizer file decides, not the row count."""
     from tests.export.conftest import train
 
-    run_dir = train(corpus, tmp_path / "wide", "model.vocab_size=512", "train.max_steps=1", nproc=1)
+    run_dir = train(
+        tiny_corpus, tmp_path / "wide", "model.vocab_size=512", "train.max_steps=1", nproc=1
+    )
     assert read_checkpoint(run_dir).model_config.vocab_size == 512
     out = tmp_path / "eval.json"
     assert cli("eval", run_dir, "--max-windows", 4, "--out", out) == 0

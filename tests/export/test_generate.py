@@ -8,18 +8,15 @@ import torch
 
 from megapatch.errors import ConfigError
 from megapatch.generate import SamplingConfig, generate, sample_next_token
-from megapatch.model import GPT, GPTConfig, KVCache
+from megapatch.model import GPT, KVCache
 from tests.export.conftest import one_error_line
+from tests.fixtures import tiny_gpt_config
 
 V = 250
 
 
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    fields = dict(
-        vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
-        seq_len=24, rope_theta=500000.0, ops_backend="reference",
-    )  # fmt: skip
-    return GPT(GPTConfig(**{**fields, **overrides}), seed=seed).eval()
+def tiny_model(seed: int = 0) -> GPT:
+    return GPT(tiny_gpt_config(vocab_size=V, seq_len=24, rope_theta=500000.0), seed=seed).eval()
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

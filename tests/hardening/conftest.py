@@ -1,4 +1,4 @@
-"""Shared pieces of the hardening tests: the tiny corpus, one uninterrupted DP=2 run that
+"""Shared pieces of the hardening tests: one uninterrupted DP=2 run that
 the faulted runs are compared with, and readers of what a run leaves on disk."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.conftest import run_train, tiny_corpus  # noqa: F401 - a fixture, re-exported
+from tests.engine.conftest import run_train
 
 CHECKPOINT_STEPS = (3, 6, 8, 9, 12)  # TINY_OVERRIDES: every 3 steps, the switch (8), the end
 
 
 @pytest.fixture(scope="session")
-def reference_dp2(tiny_corpus, tmp_path_factory) -> Path:  # noqa: F811
+def reference_dp2(tiny_corpus, tmp_path_factory) -> Path:
     """One uninterrupted 2-process run (DP=2, ZeRO-1): 8 patch steps, then 4 token steps."""
     run_dir = tmp_path_factory.mktemp("reference-dp2") / "run"
     run_train(tiny_corpus, run_dir, nproc=2)

@@ -1,20 +1,16 @@
-"""Shared by the launch tests: a small prepped corpus, a tiny run config, and the
-environment the launch scripts run in."""
+"""Shared by the launch tests: a tiny run config (of the `tiny_corpus` fixture,
+tests/conftest.py) and the environment the launch scripts run in."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.fixtures import REPO, SPAWNED_TRAINING_ENV, train_records
 
-from tests.data.helpers import synthetic_text
-
-REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 
@@ -42,51 +38,15 @@ TINY_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def launch_corpus(tmp_path_factory) -> Path:
-    """A real `megapatch prep` output: 8 synthetic documents, a 400-piece tokenizer."""
-    root = tmp_path_factory.mktemp("launch-corpus")
-    texts = root / "texts"
-    texts.mkdir()
-    for i in range(8):
-        (texts / f"doc{i}.txt").write_text(synthetic_text(500 + i, 2000))
-    out = root / "prep"
-    prep = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megapatch",
-            "prep",
-            str(texts),
-            "--vocab-size",
-            "400",
-            "--valid-fraction",
-            "0.2",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=script_env(),
-    )
-    assert prep.returncode == 0, prep.stderr
-    return out
-
-
 def script_env(**extra: str) -> dict[str, str]:
-    """The environment of a user who installed megapatch into this interpreter."""
+    """The environment of a user who installed megapatch into this interpreter (plus
+    what every spawned training process of the tests gets)."""
     env = dict(os.environ)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHON=sys.executable,
         PYTHONPATH=f"{REPO}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO),
-        WANDB_MODE="disabled",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
+        **SPAWNED_TRAINING_ENV,
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.update(extra)
@@ -112,5 +72,4 @@ def find_tool(name: str) -> str | None:
 
 def train_losses(run_dir: Path) -> list[tuple[int, str, float]]:
     """(step, phase, loss) of every logged optimizer step."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["phase"], r["loss"]) for r in records if "loss" in r]
+    return [(r["step"], r["phase"], r["loss"]) for r in train_records(run_dir)]

@@ -50,9 +50,9 @@ def _finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 400
     assert not failed, "\n".join(failed)
 
 
-def test_two_nodes_without_ssh_match_one_node(launch_corpus, tmp_path):
+def test_two_nodes_without_ssh_match_one_node(tiny_corpus, tmp_path):
     def config(run_dir: Path) -> list[str]:
-        return [TINY_CONFIG, *TINY_OVERRIDES, f"data.path={launch_corpus}", f"run.dir={run_dir}"]
+        return [TINY_CONFIG, *TINY_OVERRIDES, f"data.path={tiny_corpus}", f"run.dir={run_dir}"]
 
     one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
     port = free_port()
@@ -97,14 +97,14 @@ def test_two_nodes_without_ssh_match_one_node(launch_corpus, tmp_path):
     assert "node 0 of 1, 2 rank(s) per node (world 2" in (tmp_path / "one-node.log").read_text()
 
 
-def test_sigterm_to_the_launch_script_checkpoints_and_stops(launch_corpus, tmp_path):
+def test_sigterm_to_the_launch_script_checkpoints_and_stops(tiny_corpus, tmp_path):
     """Only the script is signalled (as `kill PID` or a scheduler would): it must reach
     the ranks below torchrun, which checkpoint and exit 0 with status "preempted"."""
     run_dir = tmp_path / "run"
     args = [
         TINY_CONFIG,
         *TINY_OVERRIDES,
-        f"data.path={launch_corpus}",
+        f"data.path={tiny_corpus}",
         f"run.dir={run_dir}",
         "train.total_tokens=98304",
         "checkpoint.interval=1000",

@@ -72,14 +72,14 @@ def _error_lines(log: Path) -> list[str]:
     return [line for line in _read(log).splitlines() if line.strip()]
 
 
-def test_sbatch_trains_both_phases_and_checkpoints(slurm, launch_corpus, tmp_path):
+def test_sbatch_trains_both_phases_and_checkpoints(slurm, tiny_corpus, tmp_path):
     # Through the container hook, with a stand-in for `apptainer exec --nv IMAGE`.
     container = tmp_path / "container"
     container.write_text('#!/bin/bash\necho "in the container: $1 ${2##*/}" >&2\nexec "$@"\n')
     container.chmod(0o755)
     run_dir = tmp_path / "run"
     job, log = _submit(
-        slurm, tmp_path, *_run_args(launch_corpus, run_dir), env={"CONTAINER": str(container)}
+        slurm, tmp_path, *_run_args(tiny_corpus, run_dir), env={"CONTAINER": str(container)}
     )
     state = slurm.wait(job, timeout=400)
     assert state == "COMPLETED", f"job {job} {state}:\n{_read(log)[-4000:]}"
@@ -113,7 +113,7 @@ def _wait_for_step(run_dir: Path, step: int, slurm: SlurmCluster, job: int, log:
     raise AssertionError(f"job {job} did not reach step {step}:\n{_read(log)[-4000:]}")
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, launch_corpus, tmp_path):
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     # 192 steps (128 patch, 64 token; a few seconds), so the signal lands mid-run.
     steps = 192
@@ -121,7 +121,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, launch_corpus
         slurm,
         tmp_path,
         *_run_args(
-            launch_corpus, run_dir, f"train.total_tokens={512 * steps}", "checkpoint.interval=1000"
+            tiny_corpus, run_dir, f"train.total_tokens={512 * steps}", "checkpoint.interval=1000"
         ),
     )
     _wait_for_step(run_dir, 1, slurm, job, log)
@@ -179,10 +179,10 @@ def test_sbatch_without_config_fails_before_starting(slurm, tmp_path):
     ids=["more-gpus", "more-nodes"],
 )
 def test_config_larger_than_allocation_fails_before_starting(
-    slurm, launch_corpus, tmp_path, overrides, expected
+    slurm, tiny_corpus, tmp_path, overrides, expected
 ):
     run_dir = tmp_path / "run"
-    job, log = _submit(slurm, tmp_path, *_run_args(launch_corpus, run_dir, *overrides))
+    job, log = _submit(slurm, tmp_path, *_run_args(tiny_corpus, run_dir, *overrides))
     assert slurm.wait(job, timeout=120) == "FAILED"
     lines = _error_lines(log)
     assert (
@@ -191,7 +191,7 @@ def test_config_larger_than_allocation_fails_before_starting(
     assert not run_dir.exists()
 
 
-def test_direct_srun_of_the_engine_maps_slurm_ranks(slurm, launch_corpus, tmp_path):
+def test_direct_srun_of_the_engine_maps_slurm_ranks(slurm, tiny_corpus, tmp_path):
     """`srun --ntasks=2 megapatch train`: no torchrun; the engine reads SLURM_PROCID/NTASKS."""
     run_dir = tmp_path / "run"
     with socket.socket() as s:
@@ -215,7 +215,7 @@ def test_direct_srun_of_the_engine_maps_slurm_ranks(slurm, launch_corpus, tmp_pa
             "train",
             TINY_CONFIG,
             *TINY_OVERRIDES,
-            f"data.path={launch_corpus}",
+            f"data.path={tiny_corpus}",
             f"run.dir={run_dir}",
         ],
         check=False,

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megapatch.errors import ConfigError, DataError
 from megapatch.model import GPT, GPTConfig, rotary_cos_sin
+from tests.fixtures import tiny_gpt_config
 
 torch.set_num_threads(1)
 
@@ -18,17 +19,7 @@ V = 250  # not a multiple of 128: the model pads to 256
 
 
 def tiny(**overrides) -> GPTConfig:
-    fields = dict(
-        vocab_size=V,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        ffn_hidden=48,
-        seq_len=8,
-        n_kv_heads=2,
-        ops_backend="reference",
-    )
-    return GPTConfig(**{**fields, **overrides})
+    return tiny_gpt_config(vocab_size=V, **overrides)
 
 
 def windows(batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -15,6 +15,7 @@ from megapatch.parallel import (
     initialize_model_parallel,
 )
 from tests.distributed import run_distributed
+from tests.fixtures import tiny_gpt_config
 
 V = 251
 SEED = 7
@@ -23,18 +24,8 @@ BACKENDS = ("reference", "auto")
 
 
 def config(backend: str, **overrides) -> GPTConfig:
-    fields = dict(
-        vocab_size=V,
-        d_model=32,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=4,
-        ffn_hidden=48,
-        seq_len=6,
-        make_vocab_size_divisible_by=1,
-        ops_backend=backend,
-    )
-    return GPTConfig(**{**fields, **overrides})
+    fields = dict(n_heads=8, n_kv_heads=4, seq_len=6, make_vocab_size_divisible_by=1)
+    return tiny_gpt_config(vocab_size=V, ops_backend=backend, **{**fields, **overrides})
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,23 +11,15 @@ import torch
 from megapatch.model import GPT, GPTConfig
 from megapatch.parallel import destroy_model_parallel, initialize_model_parallel, mpu
 from tests.distributed import run_distributed
+from tests.fixtures import tiny_gpt_config
 
 SEED = 3
 K = 2
 
 
 def config() -> GPTConfig:
-    return GPTConfig(
-        vocab_size=101,  # padded to 102 at TP=2
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_hidden=48,
-        seq_len=4,
-        make_vocab_size_divisible_by=1,
-        ops_backend="reference",
-    )
+    # vocabulary 101: padded to 102 at TP=2
+    return tiny_gpt_config(vocab_size=101, seq_len=4, make_vocab_size_divisible_by=1)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
