@@ -67,14 +67,25 @@ def prep(texts: Path, out: Path, vocab_size: int = 400) -> Path:
     return out
 
 
-# What every spawned training process of the tests gets.
-SPAWNED_TRAINING_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+# What every spawned training process of the tests gets. TORCHDYNAMO_DISABLE: DeepSpeed's
+# ZeRO optimizer check imports its Muon optimizer, whose @torch.compile decorators import
+# torch's inductor, a quarter of a tiny run's CPU time; no spawned run compiles anything
+# (train.compile is tested in-process, tests/model), and nothing else changes.
+SPAWNED_TRAINING_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "WANDB_MODE": "disabled",
+    "TORCHDYNAMO_DISABLE": "1",
+}
 
 
 def spawned_training_env(*overrides: str, **extra: str) -> dict[str, str]:
     """This process's environment plus SPAWNED_TRAINING_ENV and `extra`, for a run with
-    these config overrides."""
-    return {**os.environ, **SPAWNED_TRAINING_ENV, **extra}
+    these config overrides (one that sets train.compile keeps torch.compile working)."""
+    env = {**os.environ, **SPAWNED_TRAINING_ENV, **extra}
+    if any(o.startswith("train.compile=") for o in overrides):
+        env.pop("TORCHDYNAMO_DISABLE")
+    return env
 
 
 def metrics(run_dir: Path) -> list[dict]:
