@@ -54,7 +54,7 @@ def _steps(per_rank, dp_size, tp):
 @pytest.mark.slow
 def test_dp_size_independence_and_tp_peers(tmp_path):
     path = counting_prep(tmp_path / "p", 20000)
-    results = run_distributed(_body, 4, str(path), timeout=240)
+    results = run_distributed(_body, 4, str(path), timeout=240, reuse_workers=True)
     stream = _streams(path)["patch"]
     expected = stream.get_many(np.arange(2 * STEPS * G)).reshape(2 * STEPS, G, -1)
 

@@ -109,7 +109,9 @@ def test_export_reimported_at_tp2_gives_identical_logits(tp2_run, tp2_export):
     ids = _ids(ckpt.model_config.vocab_size)
     with torch.no_grad():
         expected = build_model(ckpt)(ids)
-    results = run_distributed(_reimport_at_tp2, 2, str(tp2_export), ckpt.model_config, ids)
+    results = run_distributed(
+        _reimport_at_tp2, 2, str(tp2_export), ckpt.model_config, ids, reuse_workers=True
+    )
     q_proj = ckpt.state_dict["layers.0.self_attn.q_proj.weight"]
     for rank, (logits, shard) in enumerate(results):
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

@@ -151,7 +151,7 @@ def _assert_same_model(actual: dict, expected: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_model_equals_tp1(tp, tp1):
-    results = run_distributed(_tp_rank, tp, BACKENDS)
+    results = run_distributed(_tp_rank, tp, BACKENDS, reuse_workers=True)
     for result in results:  # every rank holds the same gathered model
         for backend in BACKENDS:
             _assert_same_model(result[backend], tp1[backend])

@@ -73,6 +73,6 @@ def test_deepspeed_grad_norm_at_tp2_dp2_equals_tp1():
     model(inputs, targets, patch_size=K).backward()
     expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
 
-    for rank, norms in enumerate(run_distributed(_deepspeed_norms, 4, 2)):
+    for rank, norms in enumerate(run_distributed(_deepspeed_norms, 4, 2, reuse_workers=True)):
         for stage, norm in norms.items():
             assert norm == pytest.approx(expected, rel=1e-5), f"rank {rank}, ZeRO stage {stage}"

@@ -88,7 +88,7 @@ def tp1():
 
 @pytest.fixture(scope="module")
 def tp2():
-    return run_distributed(_tp_layers, 2)
+    return run_distributed(_tp_layers, 2, reuse_workers=True)
 
 
 def _shard(full, rank, dim, tp=2):

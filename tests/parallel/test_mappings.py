@@ -56,7 +56,7 @@ def _all_mappings(rank, world_size):
 
 @pytest.mark.distributed
 def test_mappings_forward_and_backward_at_tp2():
-    results = run_distributed(_all_mappings, 2)
+    results = run_distributed(_all_mappings, 2, reuse_workers=True)
     ranks = range(2)
     for rank, r in enumerate(results):
         r = {name: tuple(torch.from_numpy(a) for a in pair) for name, pair in r.items()}

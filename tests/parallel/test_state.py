@@ -94,7 +94,7 @@ def _layout(rank, world_size, tp):
 
 @pytest.mark.distributed
 def test_tp_ranks_are_adjacent_and_dp_groups_stride_by_tp():
-    results = run_distributed(_layout, 4, 2)
+    results = run_distributed(_layout, 4, 2, reuse_workers=True)
     for rank, r in enumerate(results):
         assert r["defaults"] == (1, 4, rank, True)
         tp_first = rank // 2 * 2
