@@ -151,7 +151,7 @@ def gap_plot(rows: list[dict], out: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("token budget of the token-only baseline")
     ax.set_ylabel("Δ final validation loss (nats); < 0: patch wins")
-    ax.set_title("patch-level minus token-level training, tiny model (bars: range over seeds)")
+    ax.set_title("patch − token training, tiny model (bars: range over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
