@@ -42,7 +42,8 @@ bench: install-dev
 
 repro-tiny: install-dev
 	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
-	$(PY) bench/repro_tiny.py --data $(DATA) --out runs/repro-tiny
+	# one thread per run: the tiny model gains nothing from more, and the pairs share the cores
+	OMP_NUM_THREADS=1 $(PY) bench/repro_tiny.py --data $(DATA) --out runs/repro-tiny
 
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache
