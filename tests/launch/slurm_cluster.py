@@ -207,7 +207,7 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            out = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
+            out = self.node_state()
             if out in ("idle", "mixed", "allocated"):
                 return
             if time.monotonic() > deadline:
@@ -215,6 +215,10 @@ class SlurmCluster:
                     f"node not idle after {timeout}s (state {out!r}):\n{self.logs()}"
                 )
             time.sleep(0.2)
+
+    def node_state(self) -> str:
+        """The node's state as sinfo prints it: idle, mixed, allocated, completing, ..."""
+        return self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
 
     def run(self, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(

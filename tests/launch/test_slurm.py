@@ -137,7 +137,15 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tiny_corpus, 
         assert info["Restarts"] != "0" or info["JobState"] in ("RUNNING", "COMPLETING"), (
             f"job {job} {info['JobState']} without a requeue:\n{_read(log)}"
         )
-        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+        # Not before the node has let go of the first run (idle), and a second later:
+        # slurmd refuses a restart whose credential dates from the second it revoked the
+        # first run's ("Job credential revoked": the job FAILS).
+        if (
+            info["JobState"] == "PENDING"
+            and info.get("Reason") == "BeginTime"
+            and slurm.node_state() == "idle"
+        ):
+            time.sleep(1.5)
             slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         assert time.monotonic() < deadline, f"job {job} not requeued:\n{_read(log)}"
         time.sleep(0.5)
