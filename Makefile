@@ -29,7 +29,9 @@ quickstart: install
 test: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch
 	# DeepSpeed JIT-builds a CPU op per interpreter; a cache shared with another Python rebuilds it at every start
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest -q
+	# Two xdist workers: most tests run one process at a time, which leaves a core idle; tests
+	# that share an expensive fixture stay on one worker (tests/conftest.py, ONE_WORKER_GROUPS)
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch

@@ -9,6 +9,35 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), the tests that share
+# something expensive run on one worker, so that it is built once and never twice at once:
+# the name of a fixture they use -> their group.
+ONE_WORKER_GROUPS = {
+    "tp2_run": "export-runs",  # tests/export: a 4-process and a 2-process training run
+    "zero3_run": "export-runs",
+    "reference_dp2": "reference-dp2",  # tests/hardening: the uninterrupted DP=2 run
+    "struck_run": "reference-dp2",
+    "reference_run": "engine-reference",  # tests/engine/test_train.py
+    "slurm": "slurm",  # one SLURM test cluster (apt-get, munged, slurmctld, slurmd)
+    "kept_gloo_workers": "kept-gloo-workers",  # run_distributed(..., reuse_workers=True)
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = {ONE_WORKER_GROUPS[f] for f in item.fixturenames if f in ONE_WORKER_GROUPS}
+        assert len(groups) <= 1, f"{item.nodeid} is in several one-worker groups: {groups}"
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
+
+@pytest.fixture
+def kept_gloo_workers():
+    """Requested by tests that call run_distributed(..., reuse_workers=True): they run on
+    one xdist worker, which starts the kept process groups once."""
+
+
 @pytest.fixture(autouse=True)
 def _megapatch_log_handlers_restored():
     """The CLI binds a log handler to the stderr of the moment (capsys's, per test): a

@@ -6,6 +6,9 @@ import torch.distributed as dist
 
 from tests.distributed import run_distributed
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 
 def _all_reduce_rank(rank, world_size):
     t = torch.tensor([float(rank + 1)])

@@ -9,6 +9,9 @@ from megapatch.data import PrefetchLoader, WindowSampler, build_phase_streams, o
 from tests.data.helpers import counting_prep
 from tests.distributed import run_distributed
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 K, L, G, STEPS = 4, 8, 8, 6
 
 

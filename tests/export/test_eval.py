@@ -19,6 +19,7 @@ from tests.export.conftest import EVAL_WINDOWS, REPO, one_error_line
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["tp2_run", "zero3_run"])
+@pytest.mark.usefixtures("tp2_run", "zero3_run")  # named, so xdist runs this beside the others
 def test_eval_reproduces_the_engines_final_validation_loss(run, request, tmp_path, capsys, cli):
     """The engine evaluated the TP-sharded (or ZeRO-3 partitioned) model on the same
     windows with windowed_loss at the end of training; eval reads the merged checkpoint."""

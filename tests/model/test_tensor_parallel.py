@@ -17,6 +17,9 @@ from megapatch.parallel import (
 from tests.distributed import run_distributed
 from tests.fixtures import tiny_gpt_config
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 V = 251
 SEED = 7
 K = 2

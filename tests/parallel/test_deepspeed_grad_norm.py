@@ -13,6 +13,9 @@ from megapatch.parallel import destroy_model_parallel, initialize_model_parallel
 from tests.distributed import run_distributed
 from tests.fixtures import tiny_gpt_config
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 SEED = 3
 K = 2
 

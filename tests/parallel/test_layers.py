@@ -16,6 +16,9 @@ from megapatch.parallel import (
 )
 from tests.distributed import run_distributed
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 D_IN, D_OUT, VOCAB, VOCAB_PADDED, K = 6, 8, 9, 10, 3
 
 

@@ -13,6 +13,9 @@ from megapatch.parallel import (
 )
 from tests.distributed import run_distributed
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 MAPPINGS = {
     "copy": copy_to_tensor_model_parallel_region,
     "reduce": reduce_from_tensor_model_parallel_region,

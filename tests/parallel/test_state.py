@@ -21,6 +21,9 @@ from megapatch.parallel import (
 )
 from tests.distributed import run_distributed
 
+# run_distributed(..., reuse_workers=True): under xdist, one worker keeps the processes
+pytestmark = pytest.mark.usefixtures("kept_gloo_workers")
+
 
 def test_defaults_without_distributed_are_tp1_dp1():
     assert not model_parallel_is_initialized()
