@@ -200,7 +200,9 @@ _worker_groups: dict[tuple, _WorkerGroup] = {}
 
 def _run_in_worker_group(fn, world_size, args, timeout, env) -> list[Any]:
     key = (world_size, tuple(sorted(env.items())))
-    group = _worker_groups.get(key) or _worker_groups.setdefault(key, _WorkerGroup(world_size, env))
+    group = _worker_groups.get(key)
+    if group is None:
+        group = _worker_groups[key] = _WorkerGroup(world_size, env)
     try:
         return group.run(fn, args, timeout)
     except BaseException:
