@@ -6,6 +6,7 @@ names the offending value and what was expected.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -55,14 +56,61 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def _check_ids_in_range(name: str, ids: torch.Tensor, low: int, high: int, what: str, skip=None):
-    """All ids (other than `skip`) in [low, high): one reduction, one host sync on a GPU."""
+def _ids_out_of_range(ids: torch.Tensor, low: int, high: int, skip=None) -> torch.Tensor:
+    """Mask of the ids (other than `skip`) outside [low, high); no host sync."""
     bad = (ids < low) | (ids >= high)
     if skip is not None:
         bad &= ids != skip
+    return bad
+
+
+def _raise_out_of_range(name: str, ids: torch.Tensor, bad: torch.Tensor, low, high, what):
+    value = int(ids[bad][0])
+    raise ConfigError(f"{name}: {what} {value} is outside the vocabulary [{low}, {high})")
+
+
+def _check_ids_in_range(name: str, ids: torch.Tensor, low: int, high: int, what: str, skip=None):
+    """All ids (other than `skip`) in [low, high): one reduction, one host sync on a GPU."""
+    bad = _ids_out_of_range(ids, low, high, skip)
     if bool(bad.any()):
-        value = int(ids[bad][0])
-        raise ConfigError(f"{name}: {what} {value} is outside the vocabulary [{low}, {high})")
+        _raise_out_of_range(name, ids, bad, low, high, what)
+
+
+def _check_position_weights_form(op: str, weights, k: int, device: torch.device) -> None:
+    """Type, dtype, shape and device of `position_weights`: metadata only, no host sync."""
+    if not isinstance(weights, torch.Tensor):
+        raise ConfigError(
+            f"{op}: position_weights must be None or a tensor of K={k} weights, "
+            f"got {type(weights).__name__}"
+        )
+    if not weights.dtype.is_floating_point:
+        raise ConfigError(
+            f"{op}: position_weights must be a floating tensor, got dtype {weights.dtype}"
+        )
+    if tuple(weights.shape) != (k,):
+        raise ConfigError(
+            f"{op}: position_weights must have shape [K] = [{k}] to match targets [N, K], "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != device:
+        raise ConfigError(f"{op}: position_weights on {weights.device} but hidden on {device}")
+
+
+def _bad_position_weights(weights: torch.Tensor) -> torch.Tensor:
+    """A device bool: any weight non-finite or negative, or all zero. No host sync."""
+    return (~torch.isfinite(weights)).any() | (weights < 0).any() | (weights == 0).all()
+
+
+def _raise_bad_position_weights(op: str, weights: torch.Tensor) -> None:
+    values = [float(x) for x in weights.detach().float().cpu()]
+    shown = "[" + ", ".join(f"{x:g}" for x in values) + "]"
+    if not all(math.isfinite(x) for x in values):
+        raise ConfigError(f"{op}: position_weights must be finite, got {shown}")
+    if any(x < 0 for x in values):
+        raise ConfigError(f"{op}: position_weights must be non-negative, got {shown}")
+    raise ConfigError(
+        f"{op}: position_weights are all zero; give at least one position a positive weight"
+    )
 
 
 def check_embedding_inputs(
@@ -90,6 +138,7 @@ def check_loss_inputs(
     ignore_index: int,
     vocab_size: int,
     vocab_total: int,
+    position_weights: torch.Tensor | None = None,
 ) -> None:
     if hidden.dim() != 2 or not hidden.dtype.is_floating_point:
         raise ConfigError(
@@ -124,4 +173,15 @@ def check_loss_inputs(
             f"{op}: ignore_index={ignore_index} is a real token id (vocab_size={vocab_size}); "
             "use a negative value such as -100"
         )
-    _check_ids_in_range(op, targets, 0, vocab_size, "target id", skip=ignore_index)
+    if position_weights is None:
+        _check_ids_in_range(op, targets, 0, vocab_size, "target id", skip=ignore_index)
+        return
+    _check_position_weights_form(op, position_weights, targets.shape[1], hidden.device)
+    # Both value checks share the targets' one reduction and its one host sync on a GPU:
+    # weights add no synchronisation to the call.
+    bad_targets = _ids_out_of_range(targets, 0, vocab_size, skip=ignore_index)
+    bad_weights = _bad_position_weights(position_weights)
+    if bool(bad_targets.any() | bad_weights):
+        if bool(bad_weights):
+            _raise_bad_position_weights(op, position_weights)
+        _raise_out_of_range(op, targets, bad_targets, 0, vocab_size, "target id")

@@ -40,6 +40,15 @@ def _tensor_parallel_group(op: str, group, vocab_start: int, vocab_shard: int):
     return (group if world > 1 else None), world
 
 
+def _normalised(position_weights: torch.Tensor | None) -> dict:
+    """The backends' keyword: fp32 weights summing to 1, or nothing at all for None, so the
+    unweighted call reaches the backends exactly as it did before weights existed."""
+    if position_weights is None:
+        return {}
+    w = position_weights.detach().to(torch.float32)
+    return {"position_weights": w / w.sum()}
+
+
 def patch_embedding(
     ids: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -82,6 +91,7 @@ def patch_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    position_weights: torch.Tensor | None = None,
     ignore_index: int = -100,
     vocab_size: int | None = None,
     backend: str = "auto",
@@ -91,6 +101,11 @@ def patch_loss(
     hidden [N, D], weight [V, D], targets [N, K] → scalar: the mean over non-ignored
     targets of logsumexp(h·Wᵀ) − (h·Wᵀ)[y]. Rows of `weight` at index ≥ `vocab_size`
     are padding and get no probability mass. All targets ignored → 0 with zero gradients.
+
+    `position_weights` [K] (non-negative, not all zero, on hidden's device; normalised
+    here) makes it the weighted mean: Σ w_k·m·(lse − z[y]) / Σ w_k·m over the
+    non-ignored targets (m = 1). None is the unweighted loss, computed as before the
+    weights existed. The weights get no gradient.
     """
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     check_loss_inputs(
@@ -101,6 +116,7 @@ def patch_loss(
         ignore_index=ignore_index,
         vocab_size=vocab_size,
         vocab_total=weight.shape[0],
+        position_weights=position_weights,
     )
     impl = _backend_module(resolve_backend(backend, hidden, weight))
     return impl.patch_loss(
@@ -110,6 +126,7 @@ def patch_loss(
         vocab_start=0,
         vocab_size=vocab_size,
         ignore_index=ignore_index,
+        **_normalised(position_weights),
     )
 
 
@@ -121,6 +138,7 @@ def vocab_parallel_patch_loss(
     vocab_start: int,
     vocab_size: int,
     group=None,
+    position_weights: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -130,7 +148,8 @@ def vocab_parallel_patch_loss(
     [vocab_start, vocab_start + V_shard) of the padded weight. Forward combines the shards
     with a MAX and one packed SUM all-reduce; backward all-reduces the hidden gradient
     inside the op, so the caller needs no extra mapping. `vocab_size` is the real (unpadded)
-    vocabulary; `group` as in `vocab_parallel_patch_embedding`.
+    vocabulary; `group` as in `vocab_parallel_patch_embedding`; `position_weights` as in
+    `patch_loss`, the same on every rank.
     """
     op = "vocab_parallel_patch_loss"
     group, world = _tensor_parallel_group(op, group, vocab_start, weight_shard.shape[0])
@@ -142,6 +161,7 @@ def vocab_parallel_patch_loss(
         ignore_index=ignore_index,
         vocab_size=vocab_size,
         vocab_total=world * weight_shard.shape[0],
+        position_weights=position_weights,
     )
     impl = _backend_module(resolve_backend(backend, hidden, weight_shard))
     return impl.patch_loss(
@@ -152,4 +172,5 @@ def vocab_parallel_patch_loss(
         vocab_size=vocab_size,
         ignore_index=ignore_index,
         group=group,
+        **_normalised(position_weights),
     )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megapatch.ops._collectives import ReduceFromGroup
+from megapatch.ops._weights import weighted_counts
 
 # At most this many fp32 logits alive per chunk (32 MiB): large enough that the matmuls
 # run at full speed and the per-chunk update of the [V, D] weight gradient stays rare.
@@ -98,14 +99,32 @@ def patch_embedding(ids, weight, *, vocab_start=0, group=None):
 class _Targets:
     """Per-row target bookkeeping shared by forward and backward."""
 
-    def __init__(self, targets, vocab_start, vocab_shard, ignore_index):
+    def __init__(self, targets, vocab_start, vocab_shard, ignore_index, position_weights=None):
         kept = targets != ignore_index  # [N, K]
         local = targets - vocab_start
         in_shard = kept & (local >= 0) & (local < vocab_shard)
         self.local = torch.where(in_shard, local, 0)  # [N, K] column in this shard
         self.in_shard = in_shard  # [N, K]
-        self.counts = kept.sum(dim=1).float()  # [N] targets scored by each row
-        self.total = self.counts.sum().clamp(min=1.0)  # scalar, replicated on every rank
+        if position_weights is None:
+            self.picked_weight = None
+            self.counts = kept.sum(dim=1).float()  # [N] targets scored by each row
+            self.total = self.counts.sum().clamp(min=1.0)  # scalar, replicated on every rank
+        else:
+            self.picked_weight = torch.where(in_shard, position_weights, 0.0)  # [N, K]
+            self.counts, self.total = weighted_counts(kept, position_weights)
+
+    def target_sum(self, picked, rows):
+        """Σ_k (w_k·) z[y_k] over this shard's targets of the chunk: picked [C, K] → [C]."""
+        picked = torch.where(self.in_shard[rows], picked, 0.0)
+        if self.picked_weight is not None:
+            picked = picked * self.picked_weight[rows]
+        return picked.sum(1)
+
+    def onehot(self, rows, scale):
+        """The target part of dLoss/dz for the chunk, one value per target: [C, K]."""
+        if self.picked_weight is None:
+            return self.in_shard[rows].float() * -scale
+        return self.picked_weight[rows] * -scale
 
 
 def _chunk_logits(h, weight, real_cols, buffer):
@@ -117,19 +136,20 @@ def _chunk_logits(h, weight, real_cols, buffer):
 
 
 def _turn_into_grad(exp_logits, tg, rows, scale):
-    """In place: exp(z − lse)·counts·scale − scale·onehot(targets) = dLoss/dz for the chunk."""
+    """In place: exp(z − lse)·counts·scale − scale·(w·)onehot(targets) = dLoss/dz for the chunk."""
     exp_logits.mul_((tg.counts[rows] * scale)[:, None])
-    onehot = tg.in_shard[rows].float() * -scale  # [C, K]
-    exp_logits.scatter_add_(1, tg.local[rows], onehot)
+    exp_logits.scatter_add_(1, tg.local[rows], tg.onehot(rows, scale))
     return exp_logits
 
 
 class _PatchLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, group, needs):
+    def forward(
+        ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, group, needs, pw
+    ):
         n, vocab_shard = hidden.shape[0], weight.shape[0]
         real_cols = min(max(vocab_size - vocab_start, 0), vocab_shard)
-        tg = _Targets(targets, vocab_start, vocab_shard, ignore_index)
+        tg = _Targets(targets, vocab_start, vocab_shard, ignore_index, pw)
         w32 = _fp32(weight)
         chunk = _rows_per_chunk(n, vocab_shard)
         buffer = torch.empty(chunk, vocab_shard, dtype=torch.float32, device=hidden.device)
@@ -154,8 +174,7 @@ class _PatchLoss(torch.autograd.Function):
             rows = slice(a, min(a + chunk, n))
             h = _fp32(hidden[rows])  # [C, D]
             z = _chunk_logits(h, w32, real_cols, buffer)  # [C, V_shard]
-            picked = z.gather(1, tg.local[rows])  # [C, K]
-            target_sum[rows] = torch.where(tg.in_shard[rows], picked, 0.0).sum(1)
+            target_sum[rows] = tg.target_sum(z.gather(1, tg.local[rows]), rows)
             # A shard of padding only has max -inf: clamp so that exp(z - m) is 0, not NaN.
             m = z.amax(dim=1).clamp_(min=torch.finfo(torch.float32).min)  # [C]
             z.sub_(m[:, None]).exp_()
@@ -201,7 +220,7 @@ class _PatchLoss(torch.autograd.Function):
             g = grad_loss.float()
             grad_h = None if grad_h is None else grad_h.mul_(g).to(h_dtype)
             grad_w = None if grad_w is None else grad_w.mul_(g).to(w_dtype)
-            return grad_h, grad_w, None, None, None, None, None, None
+            return grad_h, grad_w, None, None, None, None, None, None, None
 
         hidden, weight, lse = ctx.saved_tensors
         tg, need_h, need_w = ctx.tg, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -233,15 +252,31 @@ class _PatchLoss(torch.autograd.Function):
             dist.all_reduce(grad_h, group=ctx.group)
         grad_h = None if grad_h is None else grad_h.to(h_dtype)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def patch_loss(
-    hidden, weight, targets, *, vocab_start=0, vocab_size, ignore_index=-100, group=None
+    hidden,
+    weight,
+    targets,
+    *,
+    vocab_start=0,
+    vocab_size,
+    ignore_index=-100,
+    group=None,
+    position_weights=None,
 ):
     """Chunked multi-target cross-entropy; see the module docstring."""
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _PatchLoss.apply(
-        hidden, weight, targets, vocab_start, vocab_size, ignore_index, group, needs
+        hidden,
+        weight,
+        targets,
+        vocab_start,
+        vocab_size,
+        ignore_index,
+        group,
+        needs,
+        position_weights,
     )

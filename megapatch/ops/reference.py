@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megapatch.ops._collectives import CopyToGroup, ReduceFromGroup
+from megapatch.ops._weights import weighted_counts
 
 
 def patch_embedding(ids, weight, *, vocab_start=0, group=None):
@@ -26,9 +27,18 @@ def patch_embedding(ids, weight, *, vocab_start=0, group=None):
 
 
 def patch_loss(
-    hidden, weight, targets, *, vocab_start=0, vocab_size, ignore_index=-100, group=None
+    hidden,
+    weight,
+    targets,
+    *,
+    vocab_start=0,
+    vocab_size,
+    ignore_index=-100,
+    group=None,
+    position_weights=None,
 ):
-    """Mean over non-ignored targets of logsumexp(z) − z[y], z = h·Wᵀ in fp32."""
+    """Mean over non-ignored targets of logsumexp(z) − z[y], z = h·Wᵀ in fp32; with
+    `position_weights` [K] (normalised fp32) the mean weighted by each target's position."""
     if group is not None:
         hidden = CopyToGroup.apply(hidden, group)
     logits = hidden.float() @ weight.float().t()  # [N, V_shard]
@@ -44,12 +54,18 @@ def patch_loss(
     local = targets - vocab_start
     in_shard = kept & (local >= 0) & (local < weight.shape[0])
     target_logits = logits.gather(1, local.clamp(0, weight.shape[0] - 1))  # [N, K]
-    target_sum = torch.where(in_shard, target_logits, 0.0).sum(dim=1)  # [N]
+    target_logits = torch.where(in_shard, target_logits, 0.0)
+    if position_weights is not None:
+        target_logits = target_logits * position_weights
+    target_sum = target_logits.sum(dim=1)  # [N]
 
     if group is not None:
         packed = ReduceFromGroup.apply(torch.stack([sum_exp, target_sum]), group)
         sum_exp, target_sum = packed[0], packed[1]
     lse = row_max + torch.log(sum_exp)  # [N]
-    counts = kept.sum(dim=1)  # [N]
-    total = counts.sum().clamp(min=1)
+    if position_weights is None:
+        counts = kept.sum(dim=1)  # [N]
+        total = counts.sum().clamp(min=1)
+    else:
+        counts, total = weighted_counts(kept, position_weights)
     return ((counts * lse).sum() - target_sum.sum()) / total

@@ -19,13 +19,15 @@ def gather_sum_kernel(
     ids_ptr,  # [M, K] int, global ids; anything outside the shard is skipped
     weight_ptr,  # [V_shard, D]
     out_ptr,  # [M, D]
-    scale_ptr,  # [1] fp32: out = scale · Σ_k W[ids_k] (+ out when ACCUMULATE)
+    scale_ptr,  # [1] fp32: out = scale · Σ_k (w_k ·) W[ids_k] (+ out when ACCUMULATE)
+    kweights_ptr,  # [K] fp32 position weights w_k, read only when WEIGHTED
     M,
     D,
     vocab_start,
     vocab_shard,
     K: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -45,7 +47,10 @@ def gather_sum_kernel(
             mask=ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc += w.to(tl.float32)
+        if WEIGHTED:
+            acc += w.to(tl.float32) * tl.load(kweights_ptr + k)
+        else:
+            acc += w.to(tl.float32)
     acc = acc * tl.load(scale_ptr)
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
@@ -59,12 +64,14 @@ def scatter_add_kernel(
     ids_ptr,  # [M, K] int, global ids; anything outside the shard is skipped
     src_ptr,  # [M, D]
     grad_weight_ptr,  # [V_shard, D] fp32, accumulated atomically
-    scale_ptr,  # [1] fp32: grad_weight[ids_k] += scale · src for every k
+    scale_ptr,  # [1] fp32: grad_weight[ids_k] += scale · (w_k ·) src for every k
+    kweights_ptr,  # [K] fp32 position weights w_k, read only when WEIGHTED
     M,
     D,
     vocab_start,
     vocab_shard,
     K: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -84,9 +91,13 @@ def scatter_add_kernel(
         ids = tl.load(ids_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=-1)
         local = ids.to(tl.int64) - vocab_start
         ok = row_ok & (local >= 0) & (local < vocab_shard)
+        if WEIGHTED:
+            part = src * tl.load(kweights_ptr + k)
+        else:
+            part = src
         tl.atomic_add(
             grad_weight_ptr + local[:, None] * D + cols[None, :],
-            src,
+            part,
             mask=ok[:, None] & col_ok[None, :],
             sem="relaxed",  # a pure sum: no ordering needed, and relaxed is much cheaper
         )

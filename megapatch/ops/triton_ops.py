@@ -4,7 +4,8 @@ patch_loss never materializes logits: the forward streams vocabulary tiles throu
 online logsumexp (split over the vocabulary for parallelism, splits combined here), the
 backward recomputes the logits tile by tile and turns their softmax gradient into
 grad_hidden and grad_weight (see BACKWARD below). The target part uses the identity
-(1/K)Σ_k z[y_k] = h·mean_k W[y_k]: a gather of K weight rows, never K copies of h.
+(1/K)Σ_k z[y_k] = h·mean_k W[y_k]: a gather of K weight rows, never K copies of h
+(with position weights, Σ_k w_k·z[y_k] = h·Σ_k w_k·W[y_k], the same gather weighted).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import triton
 
 from megapatch.ops import triton_kernels as kernels
+from megapatch.ops._weights import weighted_counts
 
 # Streaming multiprocessors, cached per device: sets how far the forward splits the vocabulary.
 _SM_COUNT: dict[int, int] = {}
@@ -55,8 +57,11 @@ def _scalar(value, device) -> torch.Tensor:
     return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
 
-def gather_sum(ids, weight, scale, vocab_start, out=None, out_dtype=torch.float32):
-    """scale · Σ_k weight[ids[:, k] − vocab_start] (in-shard ids only); adds into `out` if given."""
+def gather_sum(
+    ids, weight, scale, vocab_start, out=None, out_dtype=torch.float32, position_weights=None
+):
+    """scale · Σ_k (w_k ·) weight[ids[:, k] − vocab_start] (in-shard ids only); adds into
+    `out` if given. position_weights: [K] fp32 w_k, or None for no weighting."""
     m, k = ids.shape
     d = weight.shape[1]
     accumulate = out is not None
@@ -64,22 +69,29 @@ def gather_sum(ids, weight, scale, vocab_start, out=None, out_dtype=torch.float3
         out = torch.empty(m, d, dtype=out_dtype, device=weight.device)
     blocks = _gather_blocks(weight.device)
     grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(d, blocks["BLOCK_D"]))
+    scale = _scalar(scale, weight.device)
+    weighted = position_weights is not None
+    kweights = position_weights.contiguous() if weighted else scale  # unread stand-in
     kernels.gather_sum_kernel[grid](
-        ids, weight, out, _scalar(scale, weight.device), m, d, vocab_start, weight.shape[0],
-        K=k, ACCUMULATE=accumulate, **blocks,
+        ids, weight, out, scale, kweights, m, d, vocab_start, weight.shape[0],
+        K=k, ACCUMULATE=accumulate, WEIGHTED=weighted, **blocks,
     )  # fmt: skip
     return out
 
 
-def scatter_add(ids, src, grad_weight, scale, vocab_start):
-    """grad_weight[ids[:, k] − vocab_start] += scale · src for every k (in-shard ids only)."""
+def scatter_add(ids, src, grad_weight, scale, vocab_start, position_weights=None):
+    """grad_weight[ids[:, k] − vocab_start] += scale · (w_k ·) src for every k (in-shard ids
+    only). position_weights: [K] fp32 w_k, or None for no weighting."""
     m, k = ids.shape
     d = src.shape[1]
     blocks = _gather_blocks(src.device)
     grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(d, blocks["BLOCK_D"]))
+    scale = _scalar(scale, src.device)
+    weighted = position_weights is not None
+    kweights = position_weights.contiguous() if weighted else scale  # unread stand-in
     kernels.scatter_add_kernel[grid](
-        ids, src, grad_weight, _scalar(scale, src.device), m, d, vocab_start, grad_weight.shape[0],
-        K=k, **blocks,
+        ids, src, grad_weight, scale, kweights, m, d, vocab_start, grad_weight.shape[0],
+        K=k, WEIGHTED=weighted, **blocks,
     )  # fmt: skip
     return grad_weight
 
@@ -179,7 +191,7 @@ def _softmax_backward_by_chunks(hidden, weight, lse, coef, grad_h, grad_w, real_
 
 class _PatchLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, group):
+    def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, group, pw):
         ctx.dtypes = (hidden.dtype, weight.dtype)
         hidden, weight = hidden.contiguous(), weight.contiguous()
         if weight.dtype != hidden.dtype:
@@ -187,13 +199,17 @@ class _PatchLoss(torch.autograd.Function):
         kept = targets != ignore_index  # [N, K]
         # Ignored targets become -1, which no shard holds.
         ids = torch.where(kept, targets, -1).contiguous()
-        counts = kept.sum(dim=1).float()  # [N]
-        total = counts.sum().clamp(min=1.0)
+        if pw is None:
+            counts = kept.sum(dim=1).float()  # [N]
+            total = counts.sum().clamp(min=1.0)
+        else:
+            counts, total = weighted_counts(kept, pw)  # [N] weight scored by each row
         real_cols = min(max(vocab_size - vocab_start, 0), weight.shape[0])
 
         row_max, sum_exp = _shard_logsumexp(hidden, weight, real_cols)
-        target_rows = gather_sum(ids, weight, 1.0, vocab_start)  # [N, D] Σ_k W[y_k] in shard
-        target_sum = (hidden.float() * target_rows).sum(dim=1)  # [N] Σ_k z[y_k]
+        # [N, D] Σ_k (w_k·) W[y_k] in shard
+        target_rows = gather_sum(ids, weight, 1.0, vocab_start, position_weights=pw)
+        target_sum = (hidden.float() * target_rows).sum(dim=1)  # [N] Σ_k (w_k·) z[y_k]
         del target_rows
         if group is not None:
             global_max = row_max.clone()
@@ -207,6 +223,7 @@ class _PatchLoss(torch.autograd.Function):
 
         ctx.save_for_backward(hidden, weight, ids, lse, counts, total)
         ctx.vocab_start, ctx.real_cols, ctx.group = vocab_start, real_cols, group
+        ctx.position_weights = pw
         ctx.backward_mode = BACKWARD  # fixed when the graph is built
         return loss  # fp32 whatever the inputs: a bf16 loss would log to 3 significant digits
 
@@ -236,21 +253,33 @@ class _PatchLoss(torch.autograd.Function):
                 PRECISION=_precision(hidden.dtype), GRAD_HIDDEN=need_h, GRAD_WEIGHT=need_w,
                 **blocks,
             )  # fmt: skip
-        # The one-hot part: −scale·Σ_k W[y_k] into grad_h, −scale·h into the target rows of grad_w.
+        # The one-hot part: −scale·Σ_k (w_k·) W[y_k] into grad_h, −scale·(w_k·) h into the
+        # target rows of grad_w.
+        pw = ctx.position_weights
         if need_h:
-            gather_sum(ids, weight, -scale, ctx.vocab_start, out=grad_h)
+            gather_sum(ids, weight, -scale, ctx.vocab_start, out=grad_h, position_weights=pw)
             if ctx.group is not None:
                 dist.all_reduce(grad_h, group=ctx.group)
         if need_w:
-            scatter_add(ids, hidden, grad_w, -scale, ctx.vocab_start)
+            scatter_add(ids, hidden, grad_w, -scale, ctx.vocab_start, position_weights=pw)
         h_dtype, w_dtype = ctx.dtypes
         grad_h = grad_h.to(h_dtype) if need_h else None
         grad_w = grad_w.to(w_dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def patch_loss(
-    hidden, weight, targets, *, vocab_start=0, vocab_size, ignore_index=-100, group=None
+    hidden,
+    weight,
+    targets,
+    *,
+    vocab_start=0,
+    vocab_size,
+    ignore_index=-100,
+    group=None,
+    position_weights=None,
 ):
     """Fused multi-target cross-entropy; see the module docstring."""
-    return _PatchLoss.apply(hidden, weight, targets, vocab_start, vocab_size, ignore_index, group)
+    return _PatchLoss.apply(
+        hidden, weight, targets, vocab_start, vocab_size, ignore_index, group, position_weights
+    )

@@ -7,8 +7,13 @@ import torch
 IGNORE = -100
 
 
-def loss_truth(hidden, weight, targets, vocab_size=None, ignore_index=IGNORE):
-    """Loss and (grad_hidden, grad_weight) in float64, written independently of the ops."""
+def loss_truth(
+    hidden, weight, targets, vocab_size=None, ignore_index=IGNORE, position_weights=None
+):
+    """Loss and (grad_hidden, grad_weight) in float64, written independently of the ops.
+
+    position_weights: K numbers (unnormalised) or None; each target counts w_k / Σw in
+    both the sum and the normaliser."""
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
@@ -16,8 +21,13 @@ def loss_truth(hidden, weight, targets, vocab_size=None, ignore_index=IGNORE):
     z = h @ w.t()
     kept = targets != ignore_index
     picked = z.gather(1, torch.where(kept, targets, 0))  # [N, K]
-    per_target = (real[:, None] - picked) * kept
-    loss = per_target.sum() / kept.sum().clamp(min=1)
+    scored = kept.double()  # [N, K] how much each target counts
+    if position_weights is not None:
+        pw = torch.as_tensor(position_weights, dtype=torch.float64)
+        scored = scored * (pw / pw.sum())
+    per_target = (real[:, None] - picked) * scored
+    norm = scored.sum()
+    loss = per_target.sum() / (norm if norm > 0 else 1.0)
     loss.backward()
     return loss.detach(), h.grad, w.grad
 
