@@ -3,9 +3,15 @@ runs in-process or in the triton interpreter worker (see conftest.py)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import subprocess
+import tempfile
+from pathlib import Path
+
 import torch
 
-from megapatch.ops import chunked, patch_embedding, patch_loss
+from megapatch.ops import chunked, patch_embedding, patch_loss, reference
 from tests.ops.truth import IGNORE, embedding_truth, loss_inputs, loss_truth, rel_err
 
 
@@ -16,10 +22,25 @@ def init_triton_worker():
     torch.set_num_threads(1)
 
 
+def _weights_tensor(weights):
+    return None if weights is None else torch.tensor(weights, dtype=torch.float32)
+
+
 def loss_errors(
-    backend, n, v, d, k, vocab_size=None, ignored=0.2, seed=0, chunk_rows=None, fuse=True
+    backend,
+    n,
+    v,
+    d,
+    k,
+    vocab_size=None,
+    ignored=0.2,
+    seed=0,
+    chunk_rows=None,
+    fuse=True,
+    weights=None,
 ):
-    """Relative errors (loss, grad_hidden, grad_weight) of patch_loss against float64."""
+    """Relative errors (loss, grad_hidden, grad_weight) of patch_loss against float64;
+    `weights`: K position weights (a list, unnormalised) or None."""
     hidden, weight, targets = loss_inputs(
         n, v, d, k, vocab_size=vocab_size, ignored=ignored, seed=seed
     )
@@ -29,9 +50,18 @@ def loss_errors(
     if chunk_rows is not None:  # force many ragged chunks through the torch backend
         chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD = v * chunk_rows, fuse
     try:
-        want, want_h, want_w = loss_truth(hidden, weight, targets, vocab_size)
+        want, want_h, want_w = loss_truth(
+            hidden, weight, targets, vocab_size, position_weights=weights
+        )
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = patch_loss(h, w, targets, vocab_size=vocab_size, backend=backend)
+        loss = patch_loss(
+            h,
+            w,
+            targets,
+            position_weights=_weights_tensor(weights),
+            vocab_size=vocab_size,
+            backend=backend,
+        )
         loss.backward()
     finally:
         chunked.LOGITS_PER_CHUNK, chunked.FUSE_GRAD_IN_FORWARD = saved
@@ -43,12 +73,16 @@ def loss_errors(
     }
 
 
-def all_ignored(backend):
-    """(loss, nonzero hidden grads, nonzero weight grads) when every target is ignored."""
-    hidden, weight, _ = loss_inputs(40, 100, 16, 2)
-    targets = torch.full((40, 2), IGNORE)
+def all_ignored(backend, weights=None):
+    """(loss, nonzero hidden grads, nonzero weight grads) when no target is scored: every
+    target ignored, or with `weights` every target of a positive-weight position ignored."""
+    hidden, weight, targets = loss_inputs(40, 100, 16, 2, ignored=0.0)
+    if weights is None:
+        targets = torch.full((40, 2), IGNORE)
+    else:
+        targets[:, torch.tensor(weights) > 0] = IGNORE
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    loss = patch_loss(h, w, targets, backend=backend)
+    loss = patch_loss(h, w, targets, position_weights=_weights_tensor(weights), backend=backend)
     loss.backward()
     return loss.item(), int(torch.count_nonzero(h.grad)), int(torch.count_nonzero(w.grad))
 
@@ -81,7 +115,7 @@ def embedding_errors(backend, k, seed=0):
     return {"out": rel_err(out, want), "grad_weight": rel_err(w.grad, want_grad)}
 
 
-def largest_tensor(backend, n=256, v=500, d=16, k=4):
+def largest_tensor(backend, n=256, v=500, d=16, k=4, weights=None):
     """Bytes of the largest tensor any op produces during patch_loss forward+backward, with
     chunks limited to 4096 logits; and the bytes of [N, V] fp32 logits for comparison."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,10 +136,25 @@ def largest_tensor(backend, n=256, v=500, d=16, k=4):
     chunked.LOGITS_PER_CHUNK = 4096
     try:
         with Largest():
-            patch_loss(h, w, targets, backend=backend).backward()
+            pw = _weights_tensor(weights)
+            patch_loss(h, w, targets, position_weights=pw, backend=backend).backward()
     finally:
         chunked.LOGITS_PER_CHUNK = saved
     return Largest.nbytes, n * v * 4
+
+
+def uniform_vs_unweighted(backend, scale):
+    """(relative loss difference, max relative grad difference) between explicit uniform
+    weights `scale`·ones(K) and position_weights=None."""
+    hidden, weight, targets = loss_inputs(90, 250, 24, 4, vocab_size=240, seed=8)
+    out = []
+    for weights in (None, torch.full((4,), scale)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = patch_loss(h, w, targets, position_weights=weights, vocab_size=240, backend=backend)
+        loss.backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    (loss0, h0, w0), (loss1, h1, w1) = out
+    return abs(loss1.item() - loss0.item()) / loss0.item(), max(rel_err(h1, h0), rel_err(w1, w0))
 
 
 def loss_errors_with_backward(backend, mode, *args):
@@ -117,3 +166,76 @@ def loss_errors_with_backward(backend, mode, *args):
         return loss_errors(backend, *args)
     finally:
         triton_ops.BACKWARD = saved
+
+
+# The last commit before position weights existed: position_weights=None must still
+# compute exactly what the ops computed there. A deliberate change to the unweighted
+# arithmetic moves this pin (and says so in its commit).
+PINNED_COMMIT = "56fe1dc0333857e32b6852a7afdab0ee1344b6d4"
+_PINNED_FILES = {
+    "reference": ["reference"],
+    "torch": ["chunked"],
+    "triton": ["triton_kernels", "triton_ops"],
+}
+
+
+@functools.cache
+def _pinned_backend(backend):
+    """The backend module as it was at PINNED_COMMIT, or a string saying why it can't be read."""
+    root = Path(__file__).resolve().parents[2]
+    folder = Path(tempfile.mkdtemp(prefix="pinned-ops-"))
+    modules = {}
+    for name in _PINNED_FILES[backend]:
+        shown = subprocess.run(
+            ["git", "show", f"{PINNED_COMMIT}:megapatch/ops/{name}.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode != 0:
+            return f"git cannot show {PINNED_COMMIT[:12]}: {shown.stderr.strip()[:200]}"
+        # A real file, not exec'd text: triton.jit reads each kernel's source from its file.
+        path = folder / f"pinned_{name}.py"
+        path.write_text(shown.stdout)
+        spec = importlib.util.spec_from_file_location(f"pinned_{name}", path)
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    if backend == "triton":
+        modules["triton_ops"].kernels = modules["triton_kernels"]  # not today's kernels
+    return modules[_PINNED_FILES[backend][-1]]
+
+
+def unweighted_matches_pinned(backend, variant):
+    """Whether patch_loss(position_weights=None) gives bit for bit the loss and gradients
+    of the code at PINNED_COMMIT; a string when that code can't be read here. `variant`:
+    torch "fused"/"recompute" (in chunks of 50 rows), triton "atomic"/"gemm", else None."""
+    old = _pinned_backend(backend)
+    if isinstance(old, str):
+        return old
+    new = {"reference": reference, "torch": chunked}.get(backend)
+    if new is None:
+        from megapatch.ops import triton_ops as new
+    hidden, weight, targets = loss_inputs(252, 507, 123, 4, vocab_size=500, seed=2)
+    knobs = {}
+    if backend == "torch":
+        knobs = {"LOGITS_PER_CHUNK": 507 * 50, "FUSE_GRAD_IN_FORWARD": variant == "fused"}
+    elif backend == "triton":
+        knobs = {"BACKWARD": variant}
+    results = []
+    for module, through_api in ((old, False), (new, True)):
+        saved = {name: getattr(module, name) for name in knobs}
+        for name, value in knobs.items():
+            setattr(module, name, value)
+        try:
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            if through_api:
+                loss = patch_loss(h, w, targets, vocab_size=500, backend=backend)
+            else:  # what the API at the pin handed the backend
+                loss = module.patch_loss(h, w, targets, vocab_start=0, vocab_size=500)
+            loss.backward()
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+        results.append((loss.detach(), h.grad, w.grad))
+    return all(torch.equal(a, b) for a, b in zip(*results))

@@ -135,3 +135,58 @@ def test_int32_ids_and_targets_work(weight):
             patch_loss(hidden, weight, targets.int(), backend=backend),
             patch_loss(hidden, weight, targets, backend=backend),
         )
+
+
+def _weighted_loss(weight, position_weights, *, parallel=False, targets=None):
+    hidden = torch.randn(10, D)
+    targets = torch.zeros(10, 4, dtype=torch.long) if targets is None else targets
+    if parallel:
+        return vocab_parallel_patch_loss(
+            hidden, weight, targets, vocab_start=0, vocab_size=V, position_weights=position_weights
+        )
+    return patch_loss(hidden, weight, targets, position_weights=position_weights, backend="torch")
+
+
+NAN, INF = float("nan"), float("inf")
+# id: (position_weights for K=4 targets, the message after "<op>: position_weights ")
+BAD_WEIGHTS = {
+    "short": (
+        torch.ones(3),
+        r"must have shape \[K\] = \[4\] to match targets \[N, K\], got \(3,\)",
+    ),
+    "2-d": (torch.ones(1, 4), r"must have shape \[K\] = \[4\] .*got \(1, 4\)"),
+    "negative": (torch.tensor([1, -0.5, 1, 1]), r"must be non-negative, got \[1, -0.5, 1, 1\]"),
+    "all-zero": (torch.zeros(4), "are all zero; give at least one position a positive weight"),
+    "nan": (torch.tensor([1, NAN, 1, 1]), r"must be finite, got \[1, nan, 1, 1\]"),
+    "inf": (torch.tensor([1, INF, 1, 1]), r"must be finite, got \[1, inf, 1, 1\]"),
+    "nan-and-negative": (torch.tensor([-1, NAN, 0, 0]), r"must be finite, got \[-1, nan, 0, 0\]"),
+    "int": (torch.ones(4, dtype=torch.long), "must be a floating tensor, got dtype torch.int64"),
+    "list": ([1.0, 1.0, 1.0, 1.0], "must be None or a tensor of K=4 weights, got list"),
+    "device": (torch.ones(4, device="meta"), "on meta but hidden on cpu"),
+}
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["plain", "vocab-parallel"])
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_bad_position_weights(weight, case, parallel):
+    weights, match = BAD_WEIGHTS[case]
+    op = "vocab_parallel_patch_loss" if parallel else "patch_loss"
+    with _raises(f"^{op}: position_weights {match}$"):
+        _weighted_loss(weight, weights, parallel=parallel)
+
+
+def test_position_weights_keep_the_target_range_check(weight):
+    targets = torch.zeros(10, 4, dtype=torch.long)
+    targets[2, 3] = V + 4
+    with _raises(rf"patch_loss: target id {V + 4} is outside the vocabulary \[0, {V}\)"):
+        _weighted_loss(weight, torch.ones(4), targets=targets)
+
+
+def test_position_weights_are_normalised_and_get_no_gradient(weight):
+    hidden, targets = torch.randn(6, D), torch.randint(0, V, (6, 4))
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    for backend in ("reference", "torch"):
+        a = patch_loss(hidden, weight, targets, position_weights=weights, backend=backend)
+        b = patch_loss(hidden, weight, targets, position_weights=weights * 8, backend=backend)
+        assert torch.equal(a, b)  # ×8 is exact in fp32: the normalised weights are equal
+        assert not a.requires_grad

@@ -96,3 +96,100 @@ def test_logits_never_materialized_outside_reference(run, backend):
         assert largest >= logits  # the oracle does build them: the probe sees it
     else:
         assert largest <= logits // 10
+
+
+# ----------------------------------------------------------------------------- position weights
+
+POWER_LAW = [1.0, 1 / 2, 1 / 3, 1 / 4]
+ZEROING = [0.0, 2.0, 0.0, 1.0]  # two positions get no weight at all
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize(
+    "k, weights",
+    [
+        (4, POWER_LAW),
+        (4, ZEROING),
+        (4, [0.0, 0.0, 5.0, 0.0]),
+        (8, [8, 7, 6, 5, 4, 3, 2, 1]),
+        (1, [3.0]),
+    ],
+    ids=["power-law", "zeroing", "one-position", "k8", "k1"],
+)
+def test_weighted_against_float64(run, k, weights):
+    # Padded vocabulary (7 rows), 20% of targets ignored.
+    _assert_close(run(cases.loss_errors, 252, 507, 123, k, 500, 0.2, k, None, True, weights))
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["grads-in-forward", "recompute"])
+def test_weighted_torch_many_ragged_chunks(run, fuse):
+    _assert_close(run(cases.loss_errors, 252, 507, 123, 4, 500, 0.2, 7, 50, fuse, ZEROING))
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+def test_weighted_triton_backward_modes(run, mode):
+    args = (252, 507, 123, 4, 500, 0.2, 3, None, True, POWER_LAW)
+    _assert_close(run(cases.loss_errors_with_backward, mode, *args))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_nothing_scored_with_weights_gives_zero_loss_and_grads(run):
+    # Targets only at the zero-weight position: the normaliser is 0, the loss 0, not NaN.
+    assert run(cases.all_ignored, [1.0, 0.0]) == (0.0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_explicit_uniform_weights_match_unweighted(run, scale):
+    loss_diff, grad_diff = run(cases.uniform_vs_unweighted, scale)
+    assert loss_diff <= LOSS_TOL and grad_diff <= GRAD_TOL
+
+
+@pytest.mark.parametrize(
+    "backend, variant",
+    [
+        ("reference", None),
+        ("torch", "fused"),
+        ("torch", "recompute"),
+        ("triton", "atomic"),
+        ("triton", "gemm"),
+    ],
+)
+def test_unweighted_is_bit_for_bit_the_code_before_weights(run, variant):
+    same = run(cases.unweighted_matches_pinned, variant)
+    if isinstance(same, str):
+        pytest.skip(same)
+    assert same is True
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_weighted_logits_never_materialized_outside_reference(run, backend):
+    largest, logits = run(cases.largest_tensor, 256, 500, 16, 4, ZEROING)
+    if backend == "reference":
+        assert largest >= logits
+    else:
+        assert largest <= logits // 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_weighted_no_grad_and_bf16(backend):
+    hidden, weight, targets = loss_inputs(96, 300, 64, 4, seed=6)
+    weights = torch.tensor(POWER_LAW)
+    with torch.no_grad():  # the torch backend's unfused forward
+        plain = patch_loss(hidden, weight, targets, position_weights=weights, backend=backend)
+    want, _, _ = loss_truth(hidden, weight, targets, position_weights=POWER_LAW)
+    assert abs(plain.item() - want.item()) <= LOSS_TOL * want.item()
+
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = patch_loss(h, w, targets, position_weights=weights.bfloat16(), backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    # bf16 weights round POWER_LAW (1/3 to 3 digits): the truth uses the rounded values.
+    want, want_h, want_w = loss_truth(
+        hidden, weight, targets, position_weights=weights.bfloat16().double()
+    )
+    assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
+    assert rel_err(h.grad, want_h) <= 4e-3 and rel_err(w.grad, want_w) <= 4e-3
