@@ -10,6 +10,8 @@ from tests.ops.truth import embedding_truth, loss_inputs, loss_truth, rel_err
 BACKENDS = ["reference", "torch", "triton"]
 N, D, K = 60, 40, 4
 REAL_VOCAB, PADDED_VOCAB = 507, 508  # padded to a multiple of TP=2 and TP=4
+# Unweighted, and position weights that zero one position (as well as the ignored targets).
+POSITION_WEIGHTS = {"uniform": None, "weighted": [3.0, 0.0, 1.0, 0.5]}
 
 
 def _inputs(world_size):
@@ -40,19 +42,28 @@ def _tp_body(rank, world_size, vocab_sizes):
         # Targets folded into the real vocabulary; ignored ones stay ignored.
         targets_v = torch.where(targets >= vocab_size, targets % vocab_size, targets)
         for backend in BACKENDS:
-            h = hidden.clone().requires_grad_()
-            w = weight[start : start + shard].clone().requires_grad_()
-            loss = vocab_parallel_patch_loss(
-                h, w, targets_v, vocab_start=start, vocab_size=vocab_size, backend=backend
-            )
-            loss.backward()
+            for name, weights in POSITION_WEIGHTS.items():
+                h = hidden.clone().requires_grad_()
+                w = weight[start : start + shard].clone().requires_grad_()
+                loss = vocab_parallel_patch_loss(
+                    h,
+                    w,
+                    targets_v,
+                    vocab_start=start,
+                    vocab_size=vocab_size,
+                    position_weights=None if weights is None else torch.tensor(weights),
+                    backend=backend,
+                )
+                loss.backward()
+                results[vocab_size, backend, name] = {
+                    "loss": loss.detach(),
+                    "grad_hidden": h.grad,
+                    "grad_weight": w.grad,
+                }
             w_emb = weight[start : start + shard].clone().requires_grad_()
             out = vocab_parallel_patch_embedding(ids, w_emb, vocab_start=start, backend=backend)
             out.backward(grad_out)
-            results[vocab_size, backend] = {
-                "loss": loss.detach(),
-                "grad_hidden": h.grad,
-                "grad_weight": w.grad,
+            results[vocab_size, backend, "embedding"] = {
                 "embedding": out.detach(),
                 "embedding_grad": w_emb.grad,
             }
@@ -74,16 +85,23 @@ def test_vocab_parallel_equals_single_process(world_size):
     want_emb, want_emb_grad = embedding_truth(ids, weight, grad_out)
     for vocab_size in vocab_sizes:
         targets_v = torch.where(targets >= vocab_size, targets % vocab_size, targets)
-        want, want_h, want_w = loss_truth(hidden, weight, targets_v, vocab_size)
+        for name, weights in POSITION_WEIGHTS.items():
+            want, want_h, want_w = loss_truth(
+                hidden, weight, targets_v, vocab_size, position_weights=weights
+            )
+            for backend in BACKENDS:
+                case = (vocab_size, backend, name)
+                per_rank = [r[case] for r in ranks]
+                for got in per_rank:  # every rank holds the full loss and hidden gradient
+                    assert abs(got["loss"].item() - want.item()) <= 1e-6 * want.item(), case
+                    assert rel_err(got["grad_hidden"], want_h) <= 1e-5, case
+                grad_w = torch.cat([got["grad_weight"] for got in per_rank])
+                assert rel_err(grad_w, want_w) <= 1e-5, case
+                assert torch.count_nonzero(grad_w[vocab_size:]) == 0, case  # padding: nothing
         for backend in BACKENDS:
-            case = (vocab_size, backend)
+            case = (vocab_size, backend, "embedding")
             per_rank = [r[case] for r in ranks]
-            for got in per_rank:  # every rank holds the full loss and hidden gradient
-                assert abs(got["loss"].item() - want.item()) <= 1e-6 * want.item(), case
-                assert rel_err(got["grad_hidden"], want_h) <= 1e-5, case
+            for got in per_rank:
                 assert rel_err(got["embedding"], want_emb) <= 1e-6, case
-            grad_w = torch.cat([got["grad_weight"] for got in per_rank])
-            assert rel_err(grad_w, want_w) <= 1e-5, case
-            assert torch.count_nonzero(grad_w[vocab_size:]) == 0, case  # padding gets nothing
             emb_grad = torch.cat([got["embedding_grad"] for got in per_rank])
             assert rel_err(emb_grad, want_emb_grad) <= 1e-5, case
