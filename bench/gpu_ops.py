@@ -4,12 +4,14 @@
     python bench/gpu_ops.py --dry-run       # tiny fp32 shapes on the CPU interpreter: tests this script
 
 1. Compile: the first call of every kernel variant, timed.
-2. Exactness in fp32 (ieee dot products) at odd shapes against a float64 truth.
+2. Exactness in fp32 (ieee dot products) at odd shapes against a float64 truth, uniform
+   and power-law position weights.
 3. Accuracy in bf16 against a float64 truth computed from the same bf16 values: the Triton
    error must be no worse than the plain bf16 PyTorch computation's (bf16 logits from a
    bf16 matmul, then cross-entropy; F.embedding_bag in bf16) plus 1e-2.
-4. Time and peak memory of forward+backward: Triton vs the reference, the chunked torch
-   backend, plain bf16 PyTorch and F.linear_cross_entropy.
+4. Time and peak memory of forward+backward: Triton (uniform and power-law position
+   weights) vs the reference, the chunked torch backend, plain bf16 PyTorch and
+   F.linear_cross_entropy.
 
 Exits 1 when a check fails. Writes JSON (to --out).
 """
@@ -76,13 +78,21 @@ def _errors(got, want) -> dict:
     }
 
 
-def truth_loss(hidden, weight, targets, vocab_size):
+def truth_loss(hidden, weight, targets, vocab_size, position_weights=None):
     """Float64, written independently of the ops: the ground truth."""
     h, w = hidden.double(), weight.double()
     lse = (h @ w[:vocab_size].t()).logsumexp(dim=1)  # [N]
     kept = targets != IGNORE
     picked = (h @ w.t()).gather(1, torch.where(kept, targets, 0))  # [N, K]
-    return ((lse[:, None] - picked) * kept).sum() / kept.sum().clamp(min=1)
+    scored = kept.double()  # [N, K] how much each target counts
+    if position_weights is not None:
+        scored = scored * position_weights.double() / position_weights.double().sum()
+    return ((lse[:, None] - picked) * scored).sum() / scored.sum().clamp(min=1e-30)
+
+
+def power_law(k, device):
+    """Position weights 1, 1/2, ..., 1/K: the weighted case every check runs beside uniform."""
+    return 1.0 / torch.arange(1, k + 1, dtype=torch.float32, device=device)
 
 
 def plain_bf16_loss(hidden, weight, targets, vocab_size):
@@ -155,15 +165,20 @@ def check_fp32_exact(device, shapes):
     failures, report = [], []
     for n, v, vocab_size, d, k in shapes:
         hidden, weight, targets = _inputs(n, v, d, k, vocab_size, torch.float32, device, seed=n)
-        truth = functools.partial(truth_loss, vocab_size=vocab_size)
-        want = _loss_and_grads(truth, hidden.double(), weight.double(), targets)
-        fused = functools.partial(patch_loss, vocab_size=vocab_size, backend="triton")
-        got = _loss_and_grads(fused, hidden, weight, targets)
-        err = _errors(got, want)
-        ok = err["loss"] <= 1e-6 and err["grad_hidden"] <= 1e-5 and err["grad_weight"] <= 1e-5
-        report.append({"shape": [n, v, vocab_size, d, k], "errors": err, "ok": ok})
-        if not ok:
-            failures.append(f"fp32 patch_loss {n}x{v}x{d} K={k}: {err}")
+        for weights in (None, power_law(k, device)):
+            kw = {"vocab_size": vocab_size, "position_weights": weights}
+            want = _loss_and_grads(
+                functools.partial(truth_loss, **kw), hidden.double(), weight.double(), targets
+            )
+            fused = functools.partial(patch_loss, backend="triton", **kw)
+            err = _errors(_loss_and_grads(fused, hidden, weight, targets), want)
+            ok = err["loss"] <= 1e-6 and err["grad_hidden"] <= 1e-5 and err["grad_weight"] <= 1e-5
+            label = "uniform" if weights is None else "power-law"
+            report.append(
+                {"shape": [n, v, vocab_size, d, k], "weights": label, "errors": err, "ok": ok}
+            )
+            if not ok:
+                failures.append(f"fp32 patch_loss {n}x{v}x{d} K={k} {label}: {err}")
     return report, failures
 
 
@@ -227,6 +242,7 @@ def _time_shape(device, dtype, n, v, d, k, reps):
     hidden, weight, targets = _inputs(n, v, d, k, v, dtype, device)
     hidden.requires_grad_()
     weight.requires_grad_()
+    weights = power_law(k, device)
 
     def loss_step(fn):
         def step():
@@ -237,6 +253,9 @@ def _time_shape(device, dtype, n, v, d, k, reps):
 
     cases = {
         "triton": lambda: patch_loss(hidden, weight, targets, backend="triton"),
+        "triton, power-law position weights": lambda: patch_loss(
+            hidden, weight, targets, position_weights=weights, backend="triton"
+        ),
         f"triton, {OTHER_BACKWARD} backward": _other_backward(
             lambda: patch_loss(hidden, weight, targets, backend="triton")
         ),
@@ -335,7 +354,8 @@ def main() -> int:
     result["fp32_exact"], bad = check_fp32_exact(device, exact_shapes)
     failures += bad
     for row in result["fp32_exact"]:
-        print(f"fp32 exact {row['shape']}: {'ok' if row['ok'] else 'FAIL'} {row['errors']}")
+        ok = "ok" if row["ok"] else "FAIL"
+        print(f"fp32 exact {row['shape']} {row['weights']}: {ok} {row['errors']}")
     save()
 
     result["low_precision"], bad = check_low_precision(device, low, low_shapes)
@@ -354,10 +374,10 @@ def main() -> int:
         for case, value in row.items():
             if isinstance(value, dict):
                 if "error" in value:
-                    print(f"    {case:34s} {value['error']}")
+                    print(f"    {case:36s} {value['error']}")
                 else:
                     peak = "-" if value["peak_mib"] is None else f"{value['peak_mib']:.0f}"
-                    print(f"    {case:34s} {value['ms']:9.2f} ms   peak {peak:>7s} MiB")
+                    print(f"    {case:36s} {value['ms']:9.2f} ms   peak {peak:>7s} MiB")
 
     result["total_s"] = time.perf_counter() - start
     save()

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOSS_CASES = {
     "reference": ("patch_loss, reference (full fp32 logits)", True),
     "torch": ("patch_loss, torch (chunked, grads in forward)", True),
+    "torch-weighted": ("patch_loss, torch, power-law position weights", True),
     "torch-recompute": ("patch_loss, torch (chunked, recompute in backward)", True),
     "F.linear_cross_entropy": ("F.linear_cross_entropy chunked, rows repeated K×", False),
 }
@@ -77,6 +78,7 @@ def _make_steps(op: str, n: int, v: int, d: int, k: int) -> dict:
     if op == "loss":
         hidden = torch.randn(n, d, generator=g).requires_grad_()
         targets = torch.randint(0, v, (n, k), generator=g)
+        power_law = 1.0 / torch.arange(1, k + 1, dtype=torch.float32)  # [K]
 
         def loss_step(backend):
             def step():
@@ -89,8 +91,11 @@ def _make_steps(op: str, n: int, v: int, d: int, k: int) -> dict:
                         rows, weight, targets.reshape(-1), options=options
                     )
                 else:
-                    impl = "torch" if backend == "torch-recompute" else backend
-                    loss = patch_loss(hidden, weight, targets, backend=impl)
+                    impl = backend.split("-")[0]  # torch-recompute and torch-weighted: torch
+                    weights = power_law if backend == "torch-weighted" else None
+                    loss = patch_loss(
+                        hidden, weight, targets, position_weights=weights, backend=impl
+                    )
                 loss.backward()
 
             return step
