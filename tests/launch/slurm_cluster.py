@@ -31,6 +31,49 @@ class SlurmUnavailable(RuntimeError):
     """This machine cannot host the test cluster (not root, or no apt-get)."""
 
 
+# How long apt waits for a dpkg lock another apt process holds (e.g. a fresh machine's
+# unattended upgrades) before giving up, instead of failing at once.
+APT_LOCK_TIMEOUT_S = 300
+APT_LISTS = Path("/var/lib/apt/lists")
+# apt's stderr when the package lists are missing or stale: an `apt-get update` fixes both.
+_STALE_LISTS = ("unable to locate package", "has no installation candidate", "failed to fetch")
+
+
+def apt_command(*args: str) -> list[str]:
+    """apt-get, quiet, waiting for the dpkg lock rather than failing on it."""
+    return ["apt-get", "-q", "-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}", *args]
+
+
+def _have_package_lists(lists: Path) -> bool:
+    return lists.is_dir() and any("_Packages" in p.name for p in lists.iterdir())
+
+
+def apt_install(packages, lists: Path = APT_LISTS) -> None:
+    """`apt-get install` the packages (root needed), robust on a fresh machine.
+
+    Runs `apt-get update` first when there are no package lists; on a failed install
+    retries once, updating the lists first when apt's error says they are missing or
+    stale. Still failing: a RuntimeError with the command, its exit code and apt's last
+    stderr lines."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = apt_command("install", "-y", "--no-install-recommends", *packages)
+    update = not _have_package_lists(lists)
+    for _ in range(2):  # one try, one retry
+        steps = [apt_command("update"), install] if update else [install]
+        for argv in steps:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                break
+        else:
+            return
+        update = update or any(s in done.stderr.lower() for s in _STALE_LISTS)
+    tail = "\n".join(done.stderr.strip().splitlines()[-10:]) or "(no stderr)"
+    raise RuntimeError(
+        f"`{' '.join(argv)}` failed with exit {done.returncode} (tried twice); "
+        f"apt's last stderr lines:\n{tail}"
+    )
+
+
 def install_packages() -> None:
     """apt-get install slurm-wlm and munge unless their binaries are already there."""
     if os.geteuid() != 0:
@@ -39,12 +82,7 @@ def install_packages() -> None:
         return
     if not shutil.which("apt-get"):
         raise SlurmUnavailable("slurm-wlm and munge are not installed and apt-get is not available")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        # A fresh machine may have no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
+    apt_install(PACKAGES)
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
         raise RuntimeError(f"apt-get installed {PACKAGES} but these are missing: {missing}")
