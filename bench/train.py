@@ -34,7 +34,7 @@ def interleaved_phase_throughput(
 
     from megapatch.config import load_config
     from megapatch.distributed import init_distributed
-    from megapatch.train import Trainer
+    from megapatch.training.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench-train-")
     cfg = load_config(

@@ -197,8 +197,9 @@ def resolve_shape(
 
 
 def preflight(args: argparse.Namespace) -> dict[str, str]:
-    from megapatch.config import load_config, validate_for_world
+    from megapatch.config import load_config
     from megapatch.errors import MegapatchError
+    from megapatch.training.schedule import plan_for_world
 
     if not args.config:
         raise LaunchError("no config given: pass CONFIG [key=value ...] after the options")
@@ -267,7 +268,7 @@ def preflight(args: argparse.Namespace) -> dict[str, str]:
             f"{nnodes} nodes need --master_addr (the address of node 0) or a --hostfile"
         )
     try:
-        validate_for_world(cfg, nnodes * nproc)
+        plan_for_world(cfg, nnodes * nproc)
     except MegapatchError as exc:
         raise LaunchError(str(exc)) from None
 

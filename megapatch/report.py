@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megapatch.errors import MegapatchError
-from megapatch.metrics import read_metrics
+from megapatch.training.metrics import read_metrics
 
 X_AXES = {
     "tokens": ("tokens", "tokens seen"),

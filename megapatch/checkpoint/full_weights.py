@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from megapatch.checkpoint import COMPLETE, CheckpointManager
+from megapatch.checkpoint.client_state import ClientState, load_model_states
+from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
+from megapatch.checkpoint.safe_load import check_files
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
 from megapatch.model import GPT, GPTConfig
@@ -50,15 +52,15 @@ class LoadedCheckpoint:
     model_config: GPTConfig
     state_dict: dict[str, torch.Tensor]
     """Full TP=1 weights in fp32, vocabulary rows unpadded."""
-    meta: dict[str, Any]
-    """The engine's client state: progress, config, model_config, parallel layout."""
+    client_state: ClientState
+    """What megapatch saved beside the weights: progress, config, identity."""
     run_dir: Path | None
     """The run directory the checkpoint belongs to, where it can be found."""
 
     @property
     def run_config(self) -> dict[str, Any]:
         """The run's resolved config as {section: {field: value}}."""
-        return self.meta.get("config", {})
+        return self.client_state.config
 
     def tokenizer_path(self) -> Path | None:
         """The run's tokenizer: the copy in the run directory, else the training data's."""
@@ -120,69 +122,44 @@ def _checkpoints_dir_of_run(run_dir: Path) -> Path | None:
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """Find (see find_checkpoint) and read a checkpoint into full TP=1 fp32 weights."""
     step_dir = find_checkpoint(path)
-    meta, rank_states = _read_model_states(step_dir)
-    model_config = _model_config(meta, step_dir)
-    zero_stage = int(meta.get("zero_stage", 0))
-    if zero_stage == 3:
-        state = _gather_zero3(step_dir, meta)
+    state0, file = load_model_states(step_dir)
+    client = ClientState.from_model_states(state0, file)
+    model_config = _model_config(client.model_config, step_dir)
+    if client.zero_stage == 3:
+        state = _gather_zero3(step_dir, client)
     else:
-        dims = partition_dims(model_config)
-        state = merge_tensor_parallel_shards([s["module"] for s in rank_states], dims, step_dir)
+        shards = [state0["module"]]
+        for rank in range(1, client.tensor_model_parallel_size):
+            try:
+                shards.append(load_model_states(step_dir, rank)[0]["module"])
+            except CheckpointError as exc:
+                if "no DeepSpeed model states" not in str(exc):
+                    raise
+                raise CheckpointError(
+                    f"{step_dir}: saved with TP={client.tensor_model_parallel_size} but "
+                    f"mp_rank_{rank:02d}_model_states.pt is missing"
+                ) from None
+        state = merge_tensor_parallel_shards(shards, partition_dims(model_config), step_dir)
     state = {
         name: (w[: model_config.vocab_size] if name in VOCAB_WEIGHTS else w).float()
         for name, w in state.items()
     }
     run_dir = step_dir.parent.parent if (step_dir.parent.parent / "config.yaml").is_file() else None
-    if run_dir is None and meta.get("config", {}).get("run", {}).get("dir"):
-        configured = Path(meta["config"]["run"]["dir"])
+    if run_dir is None and client.config.get("run", {}).get("dir"):
+        configured = Path(client.config["run"]["dir"])
         run_dir = configured if configured.is_dir() else None
-    progress = meta.get("progress", {})
-    step = int(progress.get("global_step", 0))
     log.info(
-        "read %s (step %d, TP=%s, ZeRO-%d)",
+        "read %s (step %d, TP=%d, ZeRO-%d)",
         step_dir,
-        step,
-        meta.get("tensor_model_parallel_size"),
-        zero_stage,
+        client.step,
+        client.tensor_model_parallel_size,
+        client.zero_stage,
     )
-    return LoadedCheckpoint(step_dir, step, model_config, state, meta, run_dir)
+    return LoadedCheckpoint(step_dir, client.step, model_config, state, client, run_dir)
 
 
-def _load(file: Path) -> dict[str, Any]:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({exc})") from exc
-
-
-def _read_model_states(step_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The megapatch client state and each TP rank's model-states dict (ZeRO-3: just rank 0's)."""
-    first = step_dir / "mp_rank_00_model_states.pt"
-    if not first.is_file():
-        first = step_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 names
-    if not first.is_file():
-        raise CheckpointError(
-            f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt); "
-            "not a megapatch checkpoint"
-        )
-    states = _load(first)
-    meta = states.get("megapatch")
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"{first}: no megapatch client state; not written by megapatch")
-    tp = int(meta.get("tensor_model_parallel_size", 1))
-    rank_states = [states]
-    if int(meta.get("zero_stage", 0)) != 3:
-        for rank in range(1, tp):
-            file = step_dir / f"mp_rank_{rank:02d}_model_states.pt"
-            if not file.is_file():
-                raise CheckpointError(f"{step_dir}: saved with TP={tp} but {file.name} is missing")
-            rank_states.append(_load(file))
-    return meta, rank_states
-
-
-def _model_config(meta: dict[str, Any], where: Path) -> GPTConfig:
+def _model_config(saved: dict[str, Any], where: Path) -> GPTConfig:
     known = {f.name for f in fields(GPTConfig)}
-    saved = meta["model_config"]
     cfg = GPTConfig(**{k: v for k, v in saved.items() if k in known})
     # The kernels are chosen for this machine, not the one that trained.
     cfg.ops_backend = "auto"
@@ -220,9 +197,11 @@ def merge_tensor_parallel_shards(
     return merged
 
 
-def _gather_zero3(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    if int(meta.get("tensor_model_parallel_size", 1)) != 1:
+def _gather_zero3(step_dir: Path, client: ClientState) -> dict[str, torch.Tensor]:
+    if client.tensor_model_parallel_size != 1:
         raise CheckpointError(f"{step_dir}: ZeRO-3 with TP>1 is not a layout megapatch writes")
+    # zero_to_fp32 unpickles every partition without restrictions: check them first.
+    check_files(sorted(step_dir.glob("*.pt")))
     # DeepSpeed logs to stdout on import and zero_to_fp32 prints its progress and bars:
     # keep the command's output its own.
     chatter = io.StringIO()
@@ -236,7 +215,7 @@ def _gather_zero3(step_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{step_dir}: cannot gather the ZeRO-3 partitions ({exc})") from exc
     log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
-    precision = meta.get("config", {}).get("train", {}).get("precision", "fp32")
+    precision = client.config.get("train", {}).get("precision", "fp32")
     dtype = _PRECISION_DTYPES.get(precision)
     if dtype is not None:
         state = {name: w.to(dtype) for name, w in state.items()}

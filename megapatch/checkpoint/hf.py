@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megapatch.checkpoint_io import LoadedCheckpoint, load_full_state_dict
+from megapatch.checkpoint.full_weights import LoadedCheckpoint, load_full_state_dict
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
 from megapatch.model import GPT, GPTConfig
@@ -152,10 +152,10 @@ def export_hf(
             {
                 "source_checkpoint": str(ckpt.path),
                 "step": ckpt.step,
-                "config_hash": ckpt.meta.get("config_hash"),
-                "tensor_model_parallel_size": ckpt.meta.get("tensor_model_parallel_size"),
-                "zero_stage": ckpt.meta.get("zero_stage"),
-                "tokens": ckpt.meta.get("progress", {}).get("tokens"),
+                "config_hash": ckpt.client_state.identity.get("config_hash"),
+                "tensor_model_parallel_size": ckpt.client_state.tensor_model_parallel_size,
+                "zero_stage": ckpt.client_state.zero_stage,
+                "tokens": ckpt.client_state.progress.tokens,
                 "dtype": dtype,
             },
         )

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megapatch import faults
+from megapatch.checkpoint.safe_load import safe_load
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
 
@@ -370,10 +371,10 @@ class CheckpointManager:
                 shutil.rmtree(c.path, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------
-    def load(
-        self, engine, checkpoint: CheckpointInfo, load_optimizer: bool = True
-    ) -> tuple[dict, dict]:
-        """Load weights/optimizer into `engine`; returns (client_state, this rank's state)."""
+    def load(self, engine, checkpoint: CheckpointInfo, load_optimizer: bool = True) -> dict:
+        """Load weights and optimizer state into `engine` and restore this rank's RNG;
+        returns this rank's own state. The client state is not parsed here: a resume reads
+        it once, beforehand (`resume.resume_point`)."""
         try:
             _, client_state = engine.load_checkpoint(
                 str(checkpoint.path.parent),
@@ -393,10 +394,10 @@ class CheckpointManager:
         rank_file = checkpoint.path / "megapatch" / f"rank_{rank:05d}.pt"
         rank_state: dict[str, Any] = {}
         if rank_file.is_file():
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            rank_state = safe_load(rank_file)
             set_rng_state(rank_state["rng"])
         else:
             log.warning(
                 "%s missing (different world size?); RNG not restored on rank %d", rank_file, rank
             )
-        return client_state, rank_state
+        return rank_state

@@ -1,48 +1,26 @@
 """Which checkpoint a run continues from, and whether it can.
 
-A run directory belongs to one config identity; `train.resume` picks the checkpoint
-("auto": the latest complete one, or a path); and before DeepSpeed reads it, its client
-state is compared with this run, so a mismatch is one line that says what differs and how
-to get on (DeepSpeed's own error would be a tensor shape deep in the optimizer state).
+`train.resume` picks the checkpoint ("auto": the latest complete one, or a path); before
+DeepSpeed reads it, its client state (read once, `client_state.read_client_state`) is
+compared with this run, so a mismatch is one line that says what differs and how to get
+on (DeepSpeed's own error would be a tensor shape deep in the optimizer state), and every
+file DeepSpeed will unpickle is checked to hold only allowlisted types.
 """
 
 from __future__ import annotations
 
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from megapatch.checkpoint import CheckpointInfo, CheckpointManager
-from megapatch.config import RunConfig, load_config
-from megapatch.errors import CheckpointError, ConfigError, DataError
+from megapatch.checkpoint.client_state import ClientState, read_client_state
+from megapatch.checkpoint.manager import CheckpointInfo, CheckpointManager
+from megapatch.checkpoint.safe_load import check_files
+from megapatch.config import RunConfig
+from megapatch.errors import CheckpointError, DataError
 from megapatch.logging_utils import get_logger
 
 log = get_logger("resume")
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path, ckpt: CheckpointManager) -> None:
-    """Refuse to mix runs: a run dir belongs to one config identity."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        try:
-            previous = load_config(saved)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{saved} is not a readable megapatch config ({exc}); choose another run.dir"
-            ) from exc
-        if previous.config_hash() != cfg.config_hash():
-            diff = "; ".join(cfg.identity_diff(previous)[:3])
-            raise ConfigError(
-                f"run.dir {run_dir} belongs to a different run (config hash {previous.config_hash()} "
-                f"vs {cfg.config_hash()}: {diff}); choose another run.dir"
-            )
-    if cfg.train.resume == "none" and ckpt.complete_checkpoints():
-        raise ConfigError(
-            f"run.dir {run_dir} already has checkpoints in {ckpt.dir}: pass train.resume=auto to "
-            "continue that run, or choose another run.dir (nothing was overwritten)"
-        )
 
 
 def checkpoint_to_resume(cfg: RunConfig, ckpt: CheckpointManager) -> CheckpointInfo | None:
@@ -57,7 +35,7 @@ def checkpoint_to_resume(cfg: RunConfig, ckpt: CheckpointManager) -> CheckpointI
         if info is None:
             log.info("train.resume=auto: no checkpoint in %s, starting fresh", ckpt.dir)
         return info
-    from megapatch.checkpoint_io import find_checkpoint
+    from megapatch.checkpoint.full_weights import find_checkpoint
 
     try:
         path = find_checkpoint(resume)
@@ -67,39 +45,39 @@ def checkpoint_to_resume(cfg: RunConfig, ckpt: CheckpointManager) -> CheckpointI
     return CheckpointInfo(path.name, step, path)
 
 
-MODEL_STATE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Model settings that only change how the same weights are computed, not what they are.
 _RUNTIME_MODEL_SETTINGS = {"activation_checkpointing", "ops_backend"}
 
 
-def read_client_state(path: Path) -> dict[str, Any]:
-    """The megapatch client state of checkpoint `path`, read without loading its tensors."""
-    file = next((path / name for name in MODEL_STATE_FILES if (path / name).is_file()), None)
-    if file is None:
-        raise CheckpointError(
-            f"{path}: no DeepSpeed model states ({MODEL_STATE_FILES[0]}); not a megapatch checkpoint"
-        )
-    try:
-        try:  # mmap: the weights stay on disk, only the pickled metadata is read
-            states = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            states = torch.load(file, map_location="cpu", weights_only=False)  # legacy format
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{file}: unreadable ({first})") from exc
-    meta = states.get("megapatch") if isinstance(states, dict) else None
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"{file}: no megapatch client state; not written by megapatch")
-    return meta
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, and its client state (read once)."""
+
+    checkpoint: CheckpointInfo
+    client_state: ClientState
+
+
+def resume_point(
+    cfg: RunConfig, ckpt: CheckpointManager, identity: dict[str, Any]
+) -> Resume | None:
+    """The checkpoint this run continues from (None: start fresh), checked against this
+    run's `identity` (client_state.IDENTITY_KEYS) and for safe files, before any of it is
+    loaded into an engine."""
+    info = checkpoint_to_resume(cfg, ckpt)
+    if info is None:
+        return None
+    saved = read_client_state(info.path)
+    check_resumable(info.path, saved.identity, identity)
+    # DeepSpeed unpickles these without restrictions; refuse any with foreign types first.
+    check_files(sorted(info.path.glob("*.pt")) + sorted((info.path / "megapatch").glob("*.pt")))
+    return Resume(info, saved)
 
 
 def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse, with the reason and the way out, a checkpoint this run cannot continue.
 
-    `saved` is the checkpoint's client state, `current` the same keys for this run:
-    model_config, tokenizer_sha256, config_hash, tensor_model_parallel_size,
+    `saved` is the checkpoint's identity (client_state.IDENTITY_KEYS), `current` this
+    run's: model_config, tokenizer_sha256, config_hash, tensor_model_parallel_size,
     data_parallel_size, zero_stage.
     """
     convert = (

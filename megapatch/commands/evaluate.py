@@ -46,10 +46,10 @@ def evaluate_checkpoint(
     """Mean token-level loss of a LoadedCheckpoint over the eval windows of `data`."""
     import torch
 
-    from megapatch.checkpoint_io import build_model
+    from megapatch.checkpoint.full_weights import build_model
     from megapatch.data import eval_windows, open_corpus
     from megapatch.errors import ConfigError, DataError
-    from megapatch.evaluate import perplexity, windowed_loss
+    from megapatch.training.evaluate import perplexity, windowed_loss
 
     if micro_batch_size < 1:
         raise ConfigError(f"--micro-batch-size {micro_batch_size}: expected an integer ≥ 1")
@@ -104,7 +104,7 @@ def _valid_data_of(ckpt):
 
 
 def run(args: argparse.Namespace) -> int:
-    from megapatch.checkpoint_io import read_checkpoint
+    from megapatch.checkpoint.full_weights import read_checkpoint
 
     ckpt = read_checkpoint(args.checkpoint)
     result = evaluate_checkpoint(

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megapatch.checkpoint_io import read_checkpoint
-    from megapatch.hf import check_out_dir, export_hf
+    from megapatch.checkpoint.full_weights import read_checkpoint
+    from megapatch.checkpoint.hf import check_out_dir, export_hf
 
     check_out_dir(args.out, args.overwrite)  # refuse before the (slow) read
     ckpt = read_checkpoint(args.checkpoint)

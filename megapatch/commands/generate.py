@@ -32,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megapatch.checkpoint_io import build_model, read_checkpoint
+    from megapatch.checkpoint.full_weights import build_model, read_checkpoint
+    from megapatch.checkpoint.hf import check_tokenizer_matches
     from megapatch.data import Tokenizer
     from megapatch.errors import CheckpointError
-    from megapatch.generate import SamplingConfig, generate
-    from megapatch.hf import check_tokenizer_matches
+    from megapatch.model.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     sampling.validate()

@@ -11,10 +11,10 @@ import json
 import os
 from dataclasses import asdict
 
-from megapatch.config import RunConfig, load_config, validate_for_world
+from megapatch.config import RunConfig, load_config
 from megapatch.errors import ConfigError
 from megapatch.flops import ModelDims
-from megapatch.schedule import StagePlan
+from megapatch.training.schedule import StagePlan, plan_for_world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dp is None and args.world_size is None and cfg.parallel.gpus_per_node:
         # The cluster shape the config expects: the same checks training makes.
         world = cfg.parallel.nodes * cfg.parallel.gpus_per_node
-        plan = validate_for_world(cfg, world, vocab_size=vocab)
+        plan = plan_for_world(cfg, world, vocab_size=vocab)
     else:
         dp = 1 if args.dp is None else args.dp
         if args.world_size is not None:

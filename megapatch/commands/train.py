@@ -15,9 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megapatch.config import load_config
-    from megapatch.train import train
+    from megapatch.training import train
+    from megapatch.training.schedule import StagePlan
 
     cfg = load_config(args.config, args.overrides)
+    StagePlan.from_config(cfg, dp_size=1)  # the batch arithmetic, before data or processes
     result = train(cfg)
     if result.summary and _is_rank0():
         print(

@@ -5,7 +5,11 @@ dotted command-line overrides.
     cfg.model.d_model, cfg.patch.fraction, cfg.train.lr, ...
     cfg.save_resolved(run_dir)      # run_dir/config.yaml: every value, resolved, documented
     cfg.config_hash()               # identity of the run: model, data, patch, budget, seed
-    plan = validate_for_world(cfg, world_size)   # the engine's checks once ranks exist
+    cfg2 = with_overrides(cfg, ["train.lr=1e-3"])   # a new, validated config
+
+The batch arithmetic of a config (whole sequences per step in every phase) is the
+scheduler's rule: `megapatch.training.schedule.plan_for_world(cfg, world_size)` checks it
+and the launched job's shape, and returns the plan.
 
 Sections (`sections.py`) are frozen dataclasses whose field docstrings are the user
 documentation (`config_reference()` renders them; the saved config carries them as
@@ -16,7 +20,12 @@ paths are relative to the file naming them. A file may name several bases; later
 then the file itself, then the overrides win.
 """
 
-from megapatch.config.loading import config_from_dict, config_reference, load_config
+from megapatch.config.loading import (
+    config_from_dict,
+    config_reference,
+    load_config,
+    with_overrides,
+)
 from megapatch.config.sections import (
     FIELD_DOCS,
     SECTIONS,
@@ -32,7 +41,7 @@ from megapatch.config.sections import (
     RunSection,
     TrainSection,
 )
-from megapatch.config.validation import resolve_vocab_size, validate_for_world
+from megapatch.config.validation import Checker, model_shape_problems, resolve_vocab_size
 from megapatch.config.yamlio import parse_override
 
 __all__ = [
@@ -40,7 +49,9 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "parse_override",
-    "validate_for_world",
+    "with_overrides",
+    "Checker",
+    "model_shape_problems",
     "resolve_vocab_size",
     "config_reference",
     "SECTIONS",

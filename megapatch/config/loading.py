@@ -197,6 +197,15 @@ def config_from_dict(
     return build(raw, provenance, source, run_name_default=None)
 
 
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A new, fully validated config: `cfg` with dotted overrides applied."""
+    raw = unresolve(cfg.to_dict())
+    provenance = dict(cfg.provenance)
+    for item in overrides:
+        apply_override(raw, provenance, item)
+    return build(raw, provenance, cfg.source, run_name_default=cfg.run.name)
+
+
 def config_reference() -> str:
     """Every section and key with its type, default and documentation (Markdown)."""
     lines = ["# megapatch config reference", ""]

@@ -295,16 +295,6 @@ class RunConfig:
             if mine.get(k) != theirs.get(k)
         ]
 
-    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> RunConfig:
-        """A new, fully validated config with dotted overrides applied."""
-        from megapatch.config.loading import apply_override, build, unresolve
-
-        raw = unresolve(self.to_dict())
-        provenance = dict(self.provenance)
-        for item in overrides:
-            apply_override(raw, provenance, item)
-        return build(raw, provenance, self.source, run_name_default=self.run.name)
-
     def render_yaml(self, with_docs: bool = True) -> str:
         """The resolved config as YAML, each key preceded by its documentation."""
         lines = [

@@ -71,7 +71,42 @@ _UNIT_INTERVAL = {  # [0, 1)
 }
 
 
+def model_shape_problems(
+    *,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    ffn_hidden: int,
+    tensor_parallel_size: int,
+) -> list[tuple[str, Any, str]]:
+    """The model's divisibility rules, in one place: (key, value, expected) for each broken
+    one. Run configs report them with the file that set the key; GPTConfig without one."""
+    kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    tp = tensor_parallel_size
+    problems: list[tuple[str, Any, str]] = []
+    if d_model % n_heads:
+        problems.append(("model.n_heads", n_heads, f"a divisor of model.d_model={d_model}"))
+    elif (d_model // n_heads) % 2:
+        head = d_model // n_heads
+        problems.append(
+            ("model.n_heads", n_heads, f"an even head size d_model/n_heads for RoPE, not {head}")
+        )
+    if n_heads % kv_heads:
+        problems.append(("model.n_kv_heads", kv_heads, f"a divisor of model.n_heads={n_heads}"))
+    key = "parallel.tensor_model_parallel_size"
+    if n_heads % tp or kv_heads % tp:
+        heads = f"model.n_heads={n_heads} and model.n_kv_heads={kv_heads}"
+        problems.append((key, tp, f"a divisor of {heads}"))
+    elif ffn_hidden % tp:
+        problems.append((key, tp, f"a divisor of model.ffn_hidden={ffn_hidden}"))
+    return problems
+
+
 def validate(cfg: RunConfig, check: Checker) -> None:
+    """The config's own rules: ranges, the model's shape, cross-field rules. The batch
+    arithmetic (whole sequences per step in every phase) is the scheduler's rule, checked
+    wherever a plan is made (`megapatch.training.schedule.plan_for_world`)."""
+
     def get(key: str) -> Any:
         section, name = key.split(".")
         return getattr(getattr(cfg, section), name)
@@ -89,20 +124,15 @@ def validate(cfg: RunConfig, check: Checker) -> None:
     m, par, d, t = cfg.model, cfg.parallel, cfg.data, cfg.train
     if m.vocab_size != "auto" and m.vocab_size < 2:
         check.fail("model.vocab_size", m.vocab_size, 'an integer >= 2 or "auto"')
-    if m.d_model % m.n_heads:
-        check.fail("model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-    if (m.d_model // m.n_heads) % 2:
-        head = m.d_model // m.n_heads
-        check.fail(
-            "model.n_heads", m.n_heads, f"an even head size d_model/n_heads for RoPE, not {head}"
-        )
-    if m.n_heads % m.n_kv_heads:
-        check.fail("model.n_kv_heads", m.n_kv_heads, f"a divisor of model.n_heads={m.n_heads}")
-
     tp = par.tensor_model_parallel_size
-    if m.n_heads % tp or m.n_kv_heads % tp:
-        heads = f"model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}"
-        check.fail("parallel.tensor_model_parallel_size", tp, f"a divisor of {heads}")
+    for key, value, expected in model_shape_problems(
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        ffn_hidden=m.ffn_hidden,
+        tensor_parallel_size=tp,
+    ):
+        check.fail(key, value, expected)
     if par.zero_stage not in (0, 1, 2, 3):
         check.fail("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
     if par.zero_stage == 3 and tp > 1:
@@ -127,12 +157,6 @@ def validate(cfg: RunConfig, check: Checker) -> None:
     if not t.resume.strip():
         check.fail("train.resume", t.resume, '"auto", "none" or a checkpoint path')
 
-    # Whole sequences per step in both phases, a non-empty token phase, and a
-    # micro-batch that divides the sequences: the plan at DP=1 checks all of it.
-    from megapatch.schedule import StagePlan
-
-    StagePlan.from_config(cfg, dp_size=1)
-
 
 def _validate_blend(blend: list, check: Checker) -> None:
     if not blend:
@@ -152,45 +176,6 @@ def _validate_blend(blend: list, check: Checker) -> None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             check.fail(f"{key}.weight", weight, "a positive number")
         entry["weight"] = float(weight)
-
-
-def validate_for_world(
-    cfg: RunConfig,
-    world_size: int,
-    *,
-    local_world_size: int | None = None,
-    local_devices: int | None = None,
-    vocab_size: int | None = None,
-):
-    """Checks that need the launched job's shape; returns the StagePlan for DP = world/TP.
-
-    `local_devices` is the number of accelerators on this node (None or 0 on CPU, where
-    any number of processes may share the machine); `vocab_size` (resolved from the data
-    when the config says "auto") lets the plan count FLOPs.
-    """
-    from megapatch.schedule import StagePlan
-
-    check = Checker(cfg.provenance, cfg.source)
-    tp = cfg.parallel.tensor_model_parallel_size
-    if world_size % tp:
-        check.fail(
-            "parallel.tensor_model_parallel_size", tp, f"a divisor of the world size {world_size}"
-        )
-    expected = (
-        cfg.parallel.nodes * cfg.parallel.gpus_per_node if cfg.parallel.gpus_per_node else None
-    )
-    if expected is not None and expected != world_size:
-        raise ConfigError(
-            f"{check.where('parallel.gpus_per_node')}: parallel.nodes={cfg.parallel.nodes} x "
-            f"parallel.gpus_per_node={cfg.parallel.gpus_per_node} = {expected} ranks expected, "
-            f"but the launcher started {world_size}; set them to the allocation (or gpus_per_node: null)"
-        )
-    if local_devices and local_world_size and local_world_size > local_devices:
-        raise ConfigError(
-            f"{cfg.source}: {local_world_size} ranks on this node but only {local_devices} devices; "
-            "start one rank per device"
-        )
-    return StagePlan.from_config(cfg, dp_size=world_size // tp, vocab_size=vocab_size)
 
 
 def resolve_vocab_size(

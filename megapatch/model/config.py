@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from megapatch.config.validation import model_shape_problems
 from megapatch.errors import ConfigError
 from megapatch.ops import BACKENDS
+
+if TYPE_CHECKING:
+    from megapatch.config import RunConfig
 
 
 @dataclass
@@ -41,6 +46,28 @@ class GPTConfig:
     ops_backend: str = "auto"
     """Backend of the patch embedding and patch loss: auto, reference, torch or triton."""
 
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, vocab_size: int) -> GPTConfig:
+        """The model of a run config; `vocab_size` resolved from the data when the config
+        says "auto" (config.resolve_vocab_size)."""
+        m = cfg.model
+        return cls(
+            vocab_size=vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads,
+            ffn_hidden=m.ffn_hidden,
+            seq_len=m.seq_len,
+            rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps,
+            tie_embeddings=m.tie_embeddings,
+            init_std=m.init_std,
+            activation_checkpointing=m.activation_checkpointing,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+            ops_backend=cfg.train.ops_backend,
+        )
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -56,18 +83,6 @@ class GPTConfig:
         _positive_int("make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         if self.n_kv_heads is not None:
             _positive_int("n_kv_heads", self.n_kv_heads)
-        if self.d_model % self.n_heads != 0:
-            raise ConfigError(
-                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
-            )
-        if self.head_dim % 2 != 0:
-            raise ConfigError(
-                f"model.d_model / model.n_heads = {self.head_dim} must be even for rotary embeddings"
-            )
-        if self.n_heads % self.kv_heads != 0:
-            raise ConfigError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}"
-            )
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError(
                 f"model.rope_theta={self.rope_theta}, model.norm_eps={self.norm_eps} and "
@@ -77,16 +92,14 @@ class GPTConfig:
             raise ConfigError(
                 f"model.ops_backend={self.ops_backend!r} must be one of {', '.join(BACKENDS)}"
             )
-        tp = tensor_parallel_size
-        for name, value in (
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.kv_heads),
-            ("ffn_hidden", self.ffn_hidden),
+        for key, value, expected in model_shape_problems(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            ffn_hidden=self.ffn_hidden,
+            tensor_parallel_size=tensor_parallel_size,
         ):
-            if value % tp != 0:
-                raise ConfigError(
-                    f"model.{name}={value} is not divisible by the tensor parallel size {tp}"
-                )
+            raise ConfigError(f"{key}={value}: expected {expected}")
 
 
 def _positive_int(name: str, value) -> None:

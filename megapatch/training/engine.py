@@ -1,7 +1,8 @@
-"""The DeepSpeed side of optimisation: its config, weight-decay groups, LR, state reset.
+"""The DeepSpeed engine: its config, weight-decay groups, building it, the batch shape of a
+phase, the LR, the optimizer reset at a switch, and the gradient norm.
 
-megapatch owns the LR schedule (megapatch.schedule) and the phase switch, so DeepSpeed
-gets no scheduler and no curriculum; we set the LR on the optimizer every step.
+megapatch owns the LR schedule (megapatch.training.schedule) and the phase switch, so
+DeepSpeed gets no scheduler and no curriculum; we set the LR on the optimizer every step.
 """
 
 from __future__ import annotations
@@ -108,8 +109,71 @@ def optimizer_state_size(engine) -> int:
     return len(base_optimizer(engine).state)
 
 
-def skips_nonfinite_steps(engine) -> bool:
-    """ZeRO and the bf16/fp16 optimizers skip a step whose gradients are not finite; plain fp32 does not."""
+def _optimizer_is_wrapped(engine) -> bool:
+    """ZeRO and the bf16/fp16 modes wrap the optimizer in one of DeepSpeed's own; plain
+    fp32 without ZeRO steps torch's optimizer directly."""
     return bool(
         engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
     )
+
+
+def skips_nonfinite_steps(engine) -> bool:
+    """DeepSpeed's wrapping optimizers skip a step whose gradients are not finite; plain fp32 does not."""
+    return _optimizer_is_wrapped(engine)
+
+
+def build_engine(model: torch.nn.Module, cfg, first_phase, *, dp_size: int, device: torch.device):
+    """The DeepSpeed engine of `model` for run config `cfg`, shaped for its first phase;
+    ZeRO shards over the data-parallel group only (megapatch.parallel.mpu)."""
+    import deepspeed
+
+    from megapatch import parallel
+
+    t = cfg.train
+    config = deepspeed_config(
+        micro_batch_size=first_phase.micro_batch_size,
+        grad_accum=first_phase.grad_accum,
+        dp_size=dp_size,
+        zero_stage=cfg.parallel.zero_stage,
+        precision=t.precision,
+        grad_clip=t.grad_clip,
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        on_cuda=device.type == "cuda",
+        overrides=cfg.parallel.deepspeed,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=config,
+        mpu=parallel.mpu,
+    )
+    return engine
+
+
+def shape_engine(engine, phase, dp_size: int) -> None:
+    """DeepSpeed's batch shape for `phase`; the loss scale 1/accumulation follows from it."""
+    engine.set_train_micro_batch_size(phase.micro_batch_size)
+    engine.set_train_batch_size(phase.micro_batch_size * phase.grad_accum * dp_size)
+
+
+def keeps_grad_norm(engine) -> bool:
+    """Whether DeepSpeed records the global gradient norm of a step: its wrapping
+    optimizers do; ZeRO-0 in fp32 clips without keeping it (`get_global_grad_norm()` is None)."""
+    return _optimizer_is_wrapped(engine)
+
+
+def grad_norm_before_step(engine) -> float:
+    """The global gradient norm, before clipping, of the gradients about to be applied, for
+    the modes where DeepSpeed keeps none: computed by the function the engine clips with,
+    so sharded TP gradients are summed over the TP group and replicated ones counted once.
+    Call it after the last backward of the step, before `engine.step()`."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    from megapatch import parallel
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    # An infinite max_norm leaves the gradients as they are; only the norm is computed.
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=parallel.mpu))

@@ -57,3 +57,45 @@ def windowed_loss(
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
+
+
+class Validator:
+    """What is evaluated, and when: token-level loss and perplexity on the validation
+    windows in every phase, and the patch-level loss too during a patch phase; every
+    `eval.interval` steps and after the last step (`eval.at_end`)."""
+
+    def __init__(
+        self, section, windows: dict[int, np.ndarray], *, device, dp_rank, dp_size, dp_group
+    ):
+        """`section`: the run config's `eval` section; `windows`: {K: [n, K·L+K] windows}."""
+        self.interval, self.at_end = section.interval, section.at_end
+        self.windows = windows
+        self.device, self.dp_rank, self.dp_size, self.dp_group = device, dp_rank, dp_size, dp_group
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0
+
+    def run(self, engine, phase) -> dict[str, float]:
+        out: dict[str, float] = {}
+        engine.eval()
+        try:
+            for k, windows in sorted(self.windows.items()):
+                if k != 1 and phase.name != "patch":
+                    continue
+                loss, _ = windowed_loss(
+                    engine,
+                    windows,
+                    patch_size=k,
+                    micro_batch_size=phase.micro_batch_size,
+                    device=self.device,
+                    dp_rank=self.dp_rank,
+                    dp_size=self.dp_size,
+                    dp_group=self.dp_group,
+                )
+                if k == 1:
+                    out["val_loss"], out["val_ppl"] = loss, perplexity(loss)
+                else:
+                    out["val_patch_loss"] = loss
+        finally:
+            engine.train()
+        return out

@@ -1,14 +1,20 @@
-"""What a run reports: metrics.jsonl, a progress bar, wandb, and MFU.
+"""What a run reports: metrics.jsonl, progress on the terminal or in the log, wandb, MFU,
+and the end-of-run summary.
 
 Only rank 0 writes. metrics.jsonl holds one JSON object per logged step; on resume the
 records past the checkpoint's step are dropped so the file reads like one clean run.
+A step is logged every `logging.interval` steps, at every evaluation and at the end of
+each phase (`StepLog`). wandb's own console output goes to the run's log file, not to
+the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -66,8 +72,10 @@ class MetricsWriter:
         enabled: bool,
         resume_step: int | None,
         wandb_cfg: dict[str, Any] | None,
+        log_file: str = "train.log",
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.log_file = Path(run_dir) / log_file
         self.enabled = enabled
         self.wandb_run = None
         if not enabled:
@@ -102,15 +110,24 @@ class MetricsWriter:
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
-        return wandb.init(
-            project=cfg.get("project", "megapatch"),
-            name=cfg.get("name"),
-            id=run_id,
-            resume="allow",
-            mode=cfg.get("mode", "offline"),
-            dir=str(run_dir),
-            config=cfg.get("config"),
-        )
+        with self._wandb_output():
+            return wandb.init(
+                project=cfg.get("project", "megapatch"),
+                name=cfg.get("name"),
+                id=run_id,
+                resume="allow",
+                mode=cfg.get("mode", "offline"),
+                dir=str(run_dir),
+                config=cfg.get("config"),
+            )
+
+    @contextlib.contextmanager
+    def _wandb_output(self):
+        """wandb's banner and its ~30-line run summary go to the run's log file: the
+        terminal keeps megapatch's own summary as the last thing printed."""
+        with open(self.log_file, "a") as f, contextlib.redirect_stdout(f):
+            with contextlib.redirect_stderr(f):
+                yield
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -126,7 +143,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            with self._wandb_output():
+                self.wandb_run.finish()
             self.wandb_run = None
 
 
@@ -158,3 +176,126 @@ class Throughput:
     def rate(self) -> float:
         dt = time.perf_counter() - self.t0
         return self.tokens / dt if dt > 0 else 0.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressReport:
+    """Rank 0's progress: a tqdm bar on a terminal; off one (SLURM logs, CI, nohup), where
+    a bar's carriage returns make one multi-megabyte line, a plain log line every
+    `interval` steps with the same fields and an ETA."""
+
+    def __init__(self, *, enabled: bool, total: int, initial: int, interval: int, stream=None):
+        self.total, self.interval = total, interval
+        self.enabled = enabled
+        self.bar = None
+        self.t0, self.first = time.perf_counter(), initial
+        if enabled and (stream or sys.stderr).isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, phase: str, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        fields = f"{phase} loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(fields)
+        elif step % self.interval == 0 or step == self.total:
+            done = step - self.first
+            per_step = (time.perf_counter() - self.t0) / done if done else 0.0
+            eta = _duration(per_step * (self.total - step))
+            log.info("step %d/%d %s, ETA %s", step, self.total, fields, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StepLog:
+    """Decides which steps are written (every `logging.interval` steps, every evaluation,
+    every phase end) and shows progress."""
+
+    def __init__(self, writer: MetricsWriter, progress: ProgressReport, interval: int):
+        self.writer, self.progress, self.interval = writer, progress, interval
+
+    def step(self, record: dict[str, Any], *, at_phase_end: bool) -> None:
+        step = record["step"]
+        if step % self.interval == 0 or "val_loss" in record or at_phase_end:
+            self.writer.write(record)
+        self.progress.update(
+            step, record["phase"], record["loss"], record["lr"], record["tokens_per_s"]
+        )
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+
+
+def run_summary(progress, plan, status: str, final_eval: dict | None, failed_saves: int) -> dict:
+    """summary.json: the run's status, tokens, time and speed per phase, and its cost."""
+    p = progress
+    tokens_per_s = {
+        name: (p.tokens[name] / p.wall_time[name] if p.wall_time.get(name) else None)
+        for name in p.tokens
+    }
+    summary: dict[str, Any] = {
+        "status": status,
+        "global_step": p.global_step,
+        "tokens": dict(p.tokens),
+        "wall_time_s": dict(p.wall_time),
+        "tokens_per_s": tokens_per_s,
+        "nonfinite_steps": p.nonfinite_total,
+        "failed_saves": failed_saves,
+        "planned_cost_ratio": plan.cost_ratio,
+        "flops": plan.flops_so_far(p.global_step),
+    }
+    if final_eval:
+        summary["val_loss"] = final_eval.get("val_loss")
+        summary["val_ppl"] = final_eval.get("val_ppl")
+    token_rate = tokens_per_s.get("token")
+    if status == "completed" and token_rate:
+        # Wall time of this run against a token-only run of the same budget at the measured token-phase speed.
+        token_only = sum(p.tokens.values()) / token_rate
+        summary["measured_cost_ratio"] = sum(p.wall_time.values()) / token_only
+    return summary
+
+
+def step_record(
+    progress,
+    plan,
+    phase,
+    *,
+    loss: float,
+    grad_norm: float | None,
+    dt: float,
+    data_crc: int | None,
+    peak_flops: float | None,
+    world_size: int,
+) -> dict[str, Any]:
+    """The metrics record of the optimizer step just finished."""
+    p = progress
+    record: dict[str, Any] = {
+        "step": p.global_step,
+        "phase": phase.name,
+        "patch_size": phase.patch_size,
+        "tokens": sum(p.tokens.values()),
+        "loss": loss,
+        "lr": plan.lr(p.global_step - 1),
+        "grad_norm": grad_norm,
+        "tokens_per_s": phase.tokens_per_step / dt if dt > 0 else 0.0,
+        "step_time_s": dt,
+        "flops": plan.flops_so_far(p.global_step),
+        "wall_time_s": sum(p.wall_time.values()),
+        "nonfinite_total": p.nonfinite_total,
+    }
+    if data_crc is not None:
+        record["data_crc"] = data_crc
+    if peak_flops:
+        record["mfu"] = phase.flops_per_step / dt / (peak_flops * world_size)
+    return record

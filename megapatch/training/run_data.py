@@ -87,3 +87,35 @@ class VocabCheckedSampler(WindowSampler):
                 "manifest: a corrupt .bin or shards of another tokenizer; re-run megapatch prep"
             )
         return windows
+
+
+def phase_batches(
+    cfg: RunConfig,
+    stream: PhaseStream,
+    phase,
+    *,
+    consumed_windows: int,
+    vocab_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device,
+):
+    """This rank's micro-batches of `phase`, from the next window the run has not consumed
+    (a global count, so the order does not depend on the DP size)."""
+    from megapatch.data import PrefetchLoader
+
+    sampler = VocabCheckedSampler(
+        stream,
+        vocab_size=vocab_size,
+        global_batch=phase.sequences_per_step,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+    sampler.load_state_dict({"consumed_windows": consumed_windows})
+    return PrefetchLoader(
+        sampler,
+        phase.micro_batch_size,
+        device,
+        num_workers=cfg.data.num_workers,
+        prefetch=cfg.data.prefetch,
+    )

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from megapatch.errors import ConfigError
 from megapatch.flops import ModelDims, PlanFlops, plan_flops
 
-__all__ = ["PATCH", "TOKEN", "LRSchedule", "Phase", "StagePlan"]
+__all__ = ["PATCH", "TOKEN", "LRSchedule", "Phase", "StagePlan", "plan_for_world"]
 
 PATCH = "patch"
 TOKEN = "token"
@@ -442,3 +442,42 @@ def _format_table(header: list[str], rows: list[list[str]]) -> list[str]:
         ]
         out.append("  ".join(cells).rstrip())
     return out
+
+
+def plan_for_world(
+    cfg,
+    world_size: int,
+    *,
+    local_world_size: int | None = None,
+    local_devices: int | None = None,
+    vocab_size: int | None = None,
+) -> StagePlan:
+    """The plan of `cfg` for a launched job of `world_size` ranks (DP = world / TP), with
+    the checks that need the job's shape.
+
+    `local_devices` is the number of accelerators on this node (None or 0 on CPU, where
+    any number of processes may share the machine); `vocab_size` (resolved from the data
+    when the config says "auto") lets the plan count FLOPs.
+    """
+    from megapatch.config import Checker
+
+    check = Checker(cfg.provenance, cfg.source)
+    tp = cfg.parallel.tensor_model_parallel_size
+    if world_size % tp:
+        check.fail(
+            "parallel.tensor_model_parallel_size", tp, f"a divisor of the world size {world_size}"
+        )
+    par = cfg.parallel
+    expected = par.nodes * par.gpus_per_node if par.gpus_per_node else None
+    if expected is not None and expected != world_size:
+        raise ConfigError(
+            f"{check.where('parallel.gpus_per_node')}: parallel.nodes={par.nodes} x "
+            f"parallel.gpus_per_node={par.gpus_per_node} = {expected} ranks expected, "
+            f"but the launcher started {world_size}; set them to the allocation (or gpus_per_node: null)"
+        )
+    if local_devices and local_world_size and local_world_size > local_devices:
+        raise ConfigError(
+            f"{cfg.source}: {local_world_size} ranks on this node but only {local_devices} devices; "
+            "start one rank per device"
+        )
+    return StagePlan.from_config(cfg, dp_size=world_size // tp, vocab_size=vocab_size)

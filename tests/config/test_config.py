@@ -18,9 +18,10 @@ from megapatch.config import (
     load_config,
     parse_override,
     resolve_vocab_size,
-    validate_for_world,
+    with_overrides,
 )
 from megapatch.errors import ConfigError
+from megapatch.training.schedule import StagePlan, plan_for_world
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -115,11 +116,11 @@ def test_parse_override_rejects_malformed_items():
 
 def test_with_overrides_revalidates_and_rederives(tmp_path):
     cfg = load_config(TINY)
-    moved = cfg.with_overrides(["run.dir=elsewhere", "patch.size=1"])
+    moved = with_overrides(cfg, ["run.dir=elsewhere", "patch.size=1"])
     assert moved.checkpoint.dir == os.path.join("elsewhere", "checkpoints")
     assert moved.patch.size == 1
     with pytest.raises(ConfigError, match="patch.fraction"):
-        cfg.with_overrides(["patch.fraction=1"])
+        with_overrides(cfg, ["patch.fraction=1"])
 
 
 def test_config_from_dict():
@@ -201,16 +202,6 @@ def test_out_of_range_values(tmp_path, override, expected):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        # K x L = 64 must divide tokens per step so both phases have whole sequences
-        (
-            ["train.tokens_per_step=96"],
-            "train.tokens_per_step=96: expected a multiple of model.seq_len x patch.size = 64",
-        ),
-        (
-            ["train.tokens_per_step=100"],
-            "train.tokens_per_step=100: expected a multiple of model.seq_len=16",
-        ),
-        (["patch.size=3"], "expected a multiple of model.seq_len x patch.size = 48"),
         (["model.n_heads=3"], "model.n_heads=3: expected a divisor of model.d_model=64"),
         (["model.n_kv_heads=3"], "model.n_kv_heads=3: expected a divisor of model.n_heads=4"),
         (
@@ -230,6 +221,29 @@ def test_out_of_range_values(tmp_path, override, expected):
             ["model.d_model=36", "model.n_heads=4"],
             "an even head size d_model/n_heads for RoPE, not 9",
         ),
+        (["data.path=null"], "expected exactly one of data.path and data.blend"),
+        (["data.blend=[{path: a, weight: 1}]"], "expected exactly one of data.path and data.blend"),
+        (["parallel.deepspeed.train_batch_size=8"], "expected no train_batch_size"),
+        (["model.vocab_size=1"], "model.vocab_size=1: expected an integer >= 2"),
+    ],
+)
+def test_cross_field_rules(tmp_path, overrides, expected):
+    assert expected in config_error(small_yaml(tmp_path), overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # K x L = 64 must divide tokens per step so both phases have whole sequences
+        (
+            ["train.tokens_per_step=96"],
+            "train.tokens_per_step=96: expected a multiple of model.seq_len x patch.size = 64",
+        ),
+        (
+            ["train.tokens_per_step=100"],
+            "train.tokens_per_step=100: expected a multiple of model.seq_len=16",
+        ),
+        (["patch.size=3"], "expected a multiple of model.seq_len x patch.size = 48"),
         (
             ["train.micro_batch_size=32"],
             "train.micro_batch_size=32: expected at most the 16 token-phase sequences",
@@ -243,14 +257,17 @@ def test_out_of_range_values(tmp_path, override, expected):
             "train.total_tokens=100: expected at least train.tokens_per_step=256",
         ),
         (["patch.fraction=0.99"], "patch.fraction=0.99: expected a smaller share"),
-        (["data.path=null"], "expected exactly one of data.path and data.blend"),
-        (["data.blend=[{path: a, weight: 1}]"], "expected exactly one of data.path and data.blend"),
-        (["parallel.deepspeed.train_batch_size=8"], "expected no train_batch_size"),
-        (["model.vocab_size=1"], "model.vocab_size=1: expected an integer >= 2"),
     ],
 )
-def test_cross_field_rules(tmp_path, overrides, expected):
-    assert expected in config_error(small_yaml(tmp_path), overrides)
+def test_the_plan_checks_the_batch_arithmetic(tmp_path, overrides, expected):
+    # Whole sequences per step in every phase is the scheduler's rule: the config loads,
+    # the plan (made by `megapatch plan`, `megapatch train` and the launchers) refuses it.
+    cfg = load_config(small_yaml(tmp_path), overrides)
+    with pytest.raises(ConfigError) as info:
+        StagePlan.from_config(cfg, dp_size=1)
+    message = str(info.value)
+    assert "\n" not in message, "errors are one line"
+    assert expected in message
 
 
 def test_data_blend_entries_are_checked(tmp_path):
@@ -351,7 +368,8 @@ def test_hash_ignores_key_order_and_non_identity_settings(tmp_path):
         ).config_hash()
         == cfg.config_hash()
     )
-    same = cfg.with_overrides(
+    same = with_overrides(
+        cfg,
         [
             "logging.interval=1",
             "checkpoint.interval=7",
@@ -360,12 +378,12 @@ def test_hash_ignores_key_order_and_non_identity_settings(tmp_path):
             "parallel.zero_stage=2",
             "model.activation_checkpointing=true",
             "data.path=./data/x/",
-        ]
+        ],
     )
     assert same.config_hash() == cfg.config_hash()
     for change in ("patch.size=2", "patch.fraction=0.25", "model.d_model=128", "run.seed=7",
                    "train.total_tokens=5120", "data.path=data/y", "data.seed=9"):  # fmt: skip
-        other = cfg.with_overrides([change])
+        other = with_overrides(cfg, [change])
         assert other.config_hash() != cfg.config_hash(), change
         assert other.identity_diff(cfg), change
 
@@ -409,7 +427,7 @@ def test_save_resolved_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(cfg), "render_yaml", broken)
     with pytest.raises(RuntimeError):
-        cfg.with_overrides(["train.lr=1e-3"]).save_resolved(tmp_path)
+        with_overrides(cfg, ["train.lr=1e-3"]).save_resolved(tmp_path)
     assert saved.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
@@ -426,32 +444,32 @@ def test_every_field_is_documented():
 # --------------------------------------------------------------------------- world and vocabulary
 
 
-def test_validate_for_world(tmp_path):
+def test_plan_for_world(tmp_path):
     cfg = load_config(small_yaml(tmp_path, parallel={"tensor_model_parallel_size": 2}))
-    plan = validate_for_world(cfg, 4)
+    plan = plan_for_world(cfg, 4)
     assert plan.dp_size == 2
     with pytest.raises(ConfigError, match="expected a divisor of the world size 3"):
-        validate_for_world(cfg, 3)
+        plan_for_world(cfg, 3)
     with pytest.raises(ConfigError, match="micro_batch_size x DP=8"):
-        validate_for_world(cfg, 16)  # 16 token sequences per step, micro-batch 4, DP 8
+        plan_for_world(cfg, 16)  # 16 token sequences per step, micro-batch 4, DP 8
     with pytest.raises(ConfigError, match="4 ranks on this node but only 2 devices"):
-        validate_for_world(cfg, 4, local_world_size=4, local_devices=2)
-    validate_for_world(cfg, 4, local_world_size=4, local_devices=None)  # CPU: no device count
+        plan_for_world(cfg, 4, local_world_size=4, local_devices=2)
+    plan_for_world(cfg, 4, local_world_size=4, local_devices=None)  # CPU: no device count
 
-    expects = cfg.with_overrides(["parallel.nodes=2", "parallel.gpus_per_node=2"])
-    assert validate_for_world(expects, 4).dp_size == 2
+    expects = with_overrides(cfg, ["parallel.nodes=2", "parallel.gpus_per_node=2"])
+    assert plan_for_world(expects, 4).dp_size == 2
     with pytest.raises(ConfigError, match="= 4 ranks expected, but the launcher started 2"):
-        validate_for_world(expects, 2)
+        plan_for_world(expects, 2)
 
 
 def test_resolve_vocab_size(tmp_path):
     auto = load_config(small_yaml(tmp_path))
     assert resolve_vocab_size(auto, 4096) == 4096
-    fixed = auto.with_overrides(["model.vocab_size=5000"])
+    fixed = with_overrides(auto, ["model.vocab_size=5000"])
     assert resolve_vocab_size(fixed, 4096) == 5000
     with pytest.raises(ConfigError) as info:
         resolve_vocab_size(
-            fixed.with_overrides(["model.vocab_size=1000"]), 4096, "data/x/manifest.json"
+            with_overrides(fixed, ["model.vocab_size=1000"]), 4096, "data/x/manifest.json"
         )
     message = str(info.value)
     assert "model.vocab_size=1000" in message and "4096 (from data/x/manifest.json)" in message

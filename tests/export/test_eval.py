@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megapatch.checkpoint_io import build_model, read_checkpoint
+from megapatch.checkpoint.full_weights import build_model, read_checkpoint
 from megapatch.data import eval_windows, open_corpus
 from tests.export.conftest import EVAL_WINDOWS, REPO, one_error_line
 

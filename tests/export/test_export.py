@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-from megapatch.checkpoint_io import build_model, read_checkpoint
+from megapatch.checkpoint.full_weights import build_model, read_checkpoint
+from megapatch.checkpoint.hf import load_hf_into_model, read_hf
 from megapatch.data import Tokenizer
 from megapatch.errors import CheckpointError
-from megapatch.hf import load_hf_into_model, read_hf
 from megapatch.model import GPT
 from tests.data.helpers import synthetic_text
 from tests.distributed import run_distributed
@@ -37,7 +37,7 @@ def tp2_export(tp2_run, tmp_path_factory):
 
 def test_export_of_a_tp2_checkpoint_computes_megapatch_logits_in_transformers(tp2_run, tp2_export):
     ckpt = read_checkpoint(tp2_run)
-    assert ckpt.meta["tensor_model_parallel_size"] == 2
+    assert ckpt.client_state.tensor_model_parallel_size == 2
     ids = _ids(ckpt.model_config.vocab_size)
     with torch.no_grad():
         ours = build_model(ckpt)(ids)  # [B, T, V]
@@ -65,7 +65,7 @@ def test_exported_tokenizer_encodes_and_decodes_like_megapatch(tp2_run, tp2_expo
 
 def test_round_trip_of_a_patch_then_token_model_is_exact(tp2_run, tp2_export):
     ckpt = read_checkpoint(tp2_run)
-    tokens = ckpt.meta["progress"]["tokens"]
+    tokens = ckpt.client_state.progress.tokens
     assert tokens["patch"] > 0 and tokens["token"] > 0  # trained through both phases
     hf_cfg, state = read_hf(tp2_export)
     assert state.keys() == ckpt.state_dict.keys()
@@ -86,7 +86,7 @@ def test_the_patch_phase_checkpoint_round_trips_too(tp2_run, tmp_path, cli):
     switch = tp2_run / "checkpoints" / "step_00000004"  # saved right before the switch
     assert cli("export", switch, "--out", tmp_path / "hf") == 0
     ckpt = read_checkpoint(switch)
-    assert ckpt.meta["progress"]["tokens"]["token"] == 0
+    assert ckpt.client_state.progress.tokens["token"] == 0
     _, state = read_hf(tmp_path / "hf")
     assert all(torch.equal(state[n], w) for n, w in ckpt.state_dict.items())
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megapatch.errors import ConfigError
-from megapatch.generate import SamplingConfig, generate, sample_next_token
 from megapatch.model import GPT, KVCache
+from megapatch.model.generate import SamplingConfig, generate, sample_next_token
 from tests.export.conftest import one_error_line
 from tests.fixtures import tiny_gpt_config
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.conftest import run_train
+from tests.training.conftest import run_train
 
 CHECKPOINT_STEPS = (3, 6, 8, 9, 12)  # TINY_OVERRIDES: every 3 steps, the switch (8), the end
 

@@ -1,6 +1,6 @@
 """Bad input through `megapatch train`, one test per row: one clear line naming what is
 wrong, exit code 2, no traceback, nothing overwritten. The config rows and the data-reader
-unit rows live in tests/engine and tests/data (docs/reliability.md lists them all)."""
+unit rows live in tests/training and tests/data (docs/reliability.md lists them all)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from megapatch.data import IndexedDataset, IndexedDatasetWriter
-from tests.engine.conftest import run_train
 from tests.hardening.conftest import (
     assert_no_megapatch_traceback,
     checkpoint_dirs,
@@ -21,6 +20,7 @@ from tests.hardening.conftest import (
     step_dir,
     tree_digest,
 )
+from tests.training.conftest import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -18,17 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from megapatch.checkpoint_io import read_checkpoint
+from megapatch.checkpoint.full_weights import read_checkpoint
 from megapatch.config import load_config
 from megapatch.errors import ConfigError
-from tests.engine.conftest import (
-    REPO,
-    TINY_OVERRIDES,
-    run_train,
-    train_cmd,
-    train_env,
-    train_records,
-)
 from tests.hardening.conftest import (
     assert_no_megapatch_traceback,
     checkpoint_dirs,
@@ -36,6 +28,14 @@ from tests.hardening.conftest import (
     latest_tag,
     step_dir,
     tree_digest,
+)
+from tests.training.conftest import (
+    REPO,
+    TINY_OVERRIDES,
+    run_train,
+    train_cmd,
+    train_env,
+    train_records,
 )
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"

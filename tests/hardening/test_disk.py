@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megapatch.checkpoint_io import read_checkpoint
-from tests.engine.conftest import run_train, train_records
+from megapatch.checkpoint.full_weights import read_checkpoint
 from tests.hardening.conftest import (
     assert_no_megapatch_traceback,
     error_line,
     latest_tag,
     step_dir,
 )
+from tests.training.conftest import run_train, train_records
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from megapatch.config import RunConfig, load_config
 from megapatch.data import IndexedDataset
 from megapatch.data.indexed import MAGIC, VERSION
 from megapatch.errors import ConfigError, DataError, MegapatchError
-from tests.engine.conftest import REPO
+from tests.training.conftest import REPO
 
 
 def fuzz(examples: int):

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine.conftest import run_train, train_records
 from tests.hardening.conftest import (
     assert_no_megapatch_traceback,
     checkpoint_dirs,
@@ -31,6 +30,7 @@ from tests.hardening.conftest import (
     latest_tag,
     model_states,
 )
+from tests.training.conftest import run_train, train_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -9,10 +9,10 @@ import datetime
 import pytest
 import torch
 
-from megapatch.checkpoint_io import read_checkpoint
+from megapatch.checkpoint.full_weights import read_checkpoint
 from tests.distributed import run_distributed
-from tests.engine.conftest import run_train, train_records
 from tests.hardening.conftest import assert_no_megapatch_traceback, error_line, step_dir
+from tests.training.conftest import run_train, train_records
 
 
 def _silent_peer(rank, world_size):

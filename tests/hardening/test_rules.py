@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from megapatch import faults
+from megapatch.checkpoint.resume import check_resumable
 from megapatch.distributed import collective_timeout_s, is_collective_failure
 from megapatch.errors import CheckpointError, ConfigError, DataError
-from megapatch.resume import check_resumable
 
 PATH = Path("/runs/a/checkpoints/step_00000100")
 MODEL = {"vocab_size": 400, "d_model": 32, "n_layers": 2, "ops_backend": "auto"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.conftest import metrics, run_train
+from tests.training.conftest import metrics, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.engine.conftest import (
+from tests.training.conftest import (
     REPO,
     TINY_OVERRIDES,
     metrics,

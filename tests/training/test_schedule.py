@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from megapatch.config import load_config
 from megapatch.errors import ConfigError
 from megapatch.flops import ModelDims, forward_flops_per_position, training_flops_per_sequence
-from megapatch.schedule import LRSchedule, StagePlan
+from megapatch.training.schedule import LRSchedule, StagePlan
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from megapatch.config import load_config
-from megapatch.schedule import StagePlan
-from tests.engine.conftest import REPO, TINY_OVERRIDES, metrics, run_train, train_records
+from megapatch.training.schedule import StagePlan
+from tests.training.conftest import REPO, TINY_OVERRIDES, metrics, run_train, train_records
 
 pytestmark = pytest.mark.slow
 
