@@ -7,13 +7,15 @@ import os
 
 from data_prep.pipeline import PrepConfig, prepare
 from data_prep.sample import SAMPLES
+from megapatch.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="*", metavar="INPUT",
         help="files, directories (recursive) or globs of .txt (one document per file), "
-        ".jsonl, .jsonl.gz, .jsonl.zst",
+        ".jsonl, .jsonl.gz, .jsonl.zst, .parquet, .arrow (a `datasets` save_to_disk directory "
+        "is a directory of .arrow files)",
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
@@ -24,12 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument(
-        "--vocab-size", type=int, help="train a sentencepiece BPE tokenizer of N pieces"
+        "--vocab-size", type=int, help="train a tokenizer of N pieces (see --tokenizer-type)"
     )
-    tok.add_argument("--tokenizer", help="use this sentencepiece model instead of training one")
+    tok.add_argument(
+        "--tokenizer", metavar="PATH",
+        help="use this tokenizer instead of training one: a sentencepiece .model, a Hugging "
+        "Face tokenizer.json, or a directory holding one (an HF model directory)",
+    )  # fmt: skip
     parser.add_argument(
-        "--text-key", default="text", help="JSON field holding the text (default: text)"
-    )
+        "--tokenizer-type", choices=("sentencepiece", "bpe"),
+        help="what --vocab-size trains: a sentencepiece BPE (default) or a byte-level BPE "
+        "(Hugging Face tokenizers, GPT-2 style, saved as tokenizer.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from-megatron", nargs="+", metavar="PREFIX",
+        help="convert Megatron-LM / GPT-NeoX indexed datasets (PREFIX.bin + PREFIX.idx) "
+        "instead of tokenizing INPUTs; needs --tokenizer (the one they were made with)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text-key", default="text",
+        help="JSON field or Parquet/Arrow column holding the text (default: text)",
+    )  # fmt: skip
     parser.add_argument(
         "--valid-fraction", type=float, default=None,
         help="share of documents held out for validation, evenly spaced, in [0, 1) "
@@ -53,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--strict", action="store_true",
-        help="fail on a JSON line that does not parse or lacks the text field (default: skip and count)",
+        help="fail on a JSON line that does not parse or lacks the text field, or a table row "
+        "without text (default: skip and count)",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a prep already in --out")
     parser.add_argument(
@@ -64,12 +82,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tokenizer_type and args.tokenizer:
+        raise ConfigError(
+            "--tokenizer-type chooses what --vocab-size trains; drop it with --tokenizer"
+        )
     config = PrepConfig(
         out=args.out,
         inputs=list(args.inputs),
         sample=args.sample,
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
+        tokenizer_type=args.tokenizer_type or "sentencepiece",
+        from_megatron=list(args.from_megatron or []),
         text_key=args.text_key,
         valid_fraction=args.valid_fraction,
         shard_tokens=args.shard_tokens,
@@ -97,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
         f"({result.input_bytes / 1e6 / seconds:.2f} MB/s, {total_tokens / seconds / 1e6:.2f}M tokens/s)"
     )
     for reason, count in sorted(result.skipped.items()):
-        print(f"skipped {count:,} input lines: {reason}")
+        print(f"skipped {count:,} input lines or rows: {reason}")
     return 0

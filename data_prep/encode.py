@@ -48,26 +48,40 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
     tokenizer: Tokenizer = _state["tokenizer"]
     files: list[InputFile] = _state["files"]
     options: EncodeOptions = _state["options"]
-    eos = np.array([tokenizer.eos_id], dtype=tokenizer.dtype)
     result = ChunkResult(chunk.index, np.empty(0, tokenizer.dtype), nbytes=chunk.nbytes)
-    parts: list[np.ndarray] = []
+    texts: list[str] = []
+    doc_ends: list[bool] = []
 
     def skip(reason: str) -> None:
         result.skipped[reason] = result.skipped.get(reason, 0) + 1
 
     for unit in chunk.units:
         f = files[unit.file]
-        jsonl = f.kind == "jsonl"
-        if jsonl and not unit.data.strip():
+        per_line = f.kind == "jsonl"  # one document per unit, addressed by line or row
+        if per_line and not unit.data.strip():
             continue  # blank line
-        where = f"{f.label}:{unit.where}" if jsonl else f.label
-        text, error = _decode(unit.data, where, 0 if jsonl else unit.where, options)
+        if f.is_table:
+            where = f"{f.label}: row {unit.where}"
+            if unit.data is None:
+                if options.strict:
+                    result.error = (
+                        f"{where}: missing text: {unit.problem}; --text-key names the text "
+                        "column (drop --strict to skip such rows)"
+                    )
+                    break
+                skip("missing text")
+                continue
+        else:
+            where = f"{f.label}:{unit.where}" if per_line else f.label
+        text, error = _decode(
+            unit.data, where, 0 if per_line or f.is_table else unit.where, options
+        )
         if error:
             result.error = error
             break
-        if unit.where == (1 if jsonl else 0) and text.startswith("\ufeff"):
+        if unit.where == (1 if per_line else 0) and not f.is_table and text.startswith("\ufeff"):
             text = text[1:]  # a byte-order mark opening the file is not text
-        if jsonl:
+        if per_line:
             text, reason, detail = _json_text(text, options.text_key)
             if reason and options.strict:
                 result.error = f"{where}: {reason}: {detail} (drop --strict to skip such lines)"
@@ -75,7 +89,7 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
             if reason:
                 skip(reason)
                 continue
-        if jsonl and LONE_SURROGATE.search(text):  # only JSON escapes can produce these
+        if per_line and LONE_SURROGATE.search(text):  # only JSON escapes can produce these
             if options.utf8_errors == "error":
                 result.error = (
                     f"{where}: text holds a lone UTF-16 surrogate (invalid Unicode); pass "
@@ -83,15 +97,20 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
                 )
                 break
             text = LONE_SURROGATE.sub("\ufffd", text)
-        whole_document = jsonl or unit.where == 0
+        whole_document = per_line or f.is_table or unit.where == 0
         if not text and unit.doc_end and whole_document:
             skip("empty document")
             continue
-        tokens = tokenizer.encode(text)
+        texts.append(text)
+        doc_ends.append(unit.doc_end)
+    # One call for the chunk: a Hugging Face tokenizer encodes a batch in one pass in Rust.
+    eos = np.array([tokenizer.eos_id], dtype=tokenizer.dtype)
+    parts: list[np.ndarray] = []
+    for tokens, doc_end in zip(tokenizer.encode_batch(texts), doc_ends):
         parts.append(tokens)
-        if unit.doc_end:
+        if doc_end:
             parts.append(eos)
-        result.pieces.append((len(tokens) + unit.doc_end, unit.doc_end))
+        result.pieces.append((len(tokens) + doc_end, doc_end))
     if parts:
         result.tokens = np.concatenate(parts)
     return result

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from megapatch.data.indexed import IndexedDatasetWriter
+from megapatch.data.indexed import IndexedDatasetWriter, write_index
 from megapatch.data.manifest import MANIFEST_NAME
 
 
@@ -35,6 +37,43 @@ class SplitWriter:
         self.in_document = False
         if self.current.num_tokens >= self.shard_tokens:
             self._close_shard()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Whole documents at once (`tokens` their concatenation), starting new shards as
+        `end_document` would."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        done, first = 0, 0  # tokens and documents written
+        while first < len(lengths):
+            if self.current is None:
+                self.add_tokens(tokens[:0])
+            room = self.shard_tokens - self.current.num_tokens
+            # documents up to and including the one that fills the shard
+            last = min(int(np.searchsorted(ends, done + room, side="left")), len(lengths) - 1)
+            self.current.add_documents(tokens[done : ends[last]], lengths[first : last + 1])
+            self.in_document = False
+            done, first = int(ends[last]), last + 1
+            if self.current.num_tokens >= self.shard_tokens:
+                self._close_shard()
+
+    def add_linked_shard(self, bin_path: Path, doc_offsets: np.ndarray) -> None:
+        """A whole shard whose `.bin` already exists in this layout: hard-linked (copied
+        where the file system cannot link it), with a new index."""
+        if self.current is not None:
+            self._close_shard()
+        name = f"{self.split}-{len(self.shards):05d}"
+        target = self.directory / f"{name}.bin"
+        try:
+            os.link(bin_path, target)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(bin_path, target)
+        write_index(self.directory / f"{name}.idx", self.dtype, doc_offsets)
+        self.shards.append(
+            {
+                "name": name,
+                "num_tokens": int(doc_offsets[-1]),
+                "num_documents": len(doc_offsets) - 1,
+            }
+        )
 
     def _close_shard(self) -> None:
         self.current.close()
@@ -67,3 +106,14 @@ def commit_staging(staging: Path, out: Path, replace: list[Path]) -> None:
     for name in [*names, MANIFEST_NAME]:
         os.replace(staging / name, out / name)
     staging.rmdir()
+
+
+def _is_valid(doc_index: int, fraction: float) -> bool:
+    """Held-out documents, evenly spaced: the first n hold round(n · fraction) of them."""
+    return math.floor((doc_index + 1) * fraction + 0.5) > math.floor(doc_index * fraction + 0.5)
+
+
+def is_valid_mask(first: int, count: int, fraction: float) -> np.ndarray:
+    """`_is_valid` of documents first, ..., first + count - 1 (the same float arithmetic)."""
+    i = np.arange(first, first + count, dtype=np.float64)
+    return np.floor((i + 1) * fraction + 0.5) > np.floor(i * fraction + 0.5)

@@ -18,12 +18,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 import megapatch
+from data_prep import megatron
 from data_prep.encode import ChunkEncoder, EncodeOptions
-from data_prep.output import SplitWriter, commit_staging
+from data_prep.megatron import open_megatron
+from data_prep.output import SplitWriter, _is_valid, commit_staging
 from data_prep.sample import fetch_sample, get_sample
 from data_prep.sources import InputFile, read_chunks, resolve_inputs, sample_documents
 from data_prep.train_tokenizer import train_tokenizer
 from megapatch.data.corpus import Corpus
+from megapatch.data.hf_tokenizer import train_bpe
 from megapatch.data.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -31,14 +34,14 @@ from megapatch.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from megapatch.data.tokenizer import Tokenizer
+from megapatch.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from megapatch.errors import ConfigError, DataError, MegapatchError
 from megapatch.logging_utils import get_logger
 
 log = get_logger("prep")
 
-TOKENIZER_NAME = "tokenizer.model"
 DEFAULT_VALID_FRACTION = 0.01
+TOKENIZER_TYPES = ("sentencepiece", "bpe")  # what --tokenizer-type trains
 
 
 @dataclass
@@ -47,7 +50,9 @@ class PrepConfig:
     inputs: list[str] = field(default_factory=list)
     sample: str | None = None  # a built-in corpus instead of inputs
     vocab_size: int | None = None  # train a tokenizer of this size ...
-    tokenizer: str | None = None  # ... or use this sentencepiece model
+    tokenizer: str | None = None  # ... or use this one (.model, tokenizer.json, HF dir)
+    tokenizer_type: str = "sentencepiece"  # what is trained: sentencepiece BPE or byte-level "bpe"
+    from_megatron: list[str] = field(default_factory=list)  # convert these shards instead
     text_key: str = "text"
     valid_fraction: float | None = None  # None: the sample's choice, else 0.01
     shard_tokens: int = 1 << 30
@@ -76,7 +81,7 @@ def prepare(config: PrepConfig) -> PrepResult:
     """Run a prep; see the module docstring for the guarantees on failure."""
     config = _resolve_defaults(config)
     out = Path(config.out)
-    files = None if config.sample else resolve_inputs(config.inputs)
+    files = None if config.sample or config.from_megatron else resolve_inputs(config.inputs)
     identity = _identity(config, files)
 
     if out.exists() and not out.is_dir():
@@ -109,7 +114,10 @@ def prepare(config: PrepConfig) -> PrepResult:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=out))
     try:
-        result = _prepare_into(staging, config, files, identity)
+        if config.from_megatron:
+            result = _convert_into(staging, config, identity)
+        else:
+            result = _prepare_into(staging, config, files, identity)
         commit_staging(staging, out, replace=existing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -122,7 +130,15 @@ def prepare(config: PrepConfig) -> PrepResult:
 
 def _resolve_defaults(config: PrepConfig) -> PrepConfig:
     c = PrepConfig(**asdict(config))
-    if c.sample:
+    if c.from_megatron:
+        if c.inputs or c.sample:
+            raise ConfigError("--from-megatron converts shards: pass no INPUTs and no --sample")
+        if c.tokenizer is None:
+            raise ConfigError(
+                "--from-megatron needs --tokenizer PATH: the tokenizer the shards were made with "
+                "(its EOS ends each document; its vocabulary must hold every id)"
+            )
+    elif c.sample:
         sample = get_sample(c.sample)
         if c.inputs:
             raise ConfigError("pass input paths or --sample, not both")
@@ -134,7 +150,7 @@ def _resolve_defaults(config: PrepConfig) -> PrepConfig:
         raise ConfigError("no inputs: pass files, directories or globs, or --sample NAME")
     if c.valid_fraction is None:
         c.valid_fraction = DEFAULT_VALID_FRACTION
-    if (c.vocab_size is None) == (c.tokenizer is None):
+    if (c.vocab_size is None) == (c.tokenizer is None) and not c.from_megatron:
         raise ConfigError(
             "pass --vocab-size N to train a tokenizer or --tokenizer PATH to use one (not both)"
         )
@@ -148,6 +164,10 @@ def _resolve_defaults(config: PrepConfig) -> PrepConfig:
         raise ConfigError(f"--shard-tokens must be ≥ 1, got {c.shard_tokens}")
     if c.tokenizer_sample_mb <= 0:
         raise ConfigError(f"--tokenizer-sample-mb must be positive, got {c.tokenizer_sample_mb}")
+    if c.tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError(
+            f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {c.tokenizer_type!r}"
+        )
     if c.utf8_errors not in ("error", "replace"):
         raise ConfigError(f"--utf8-errors must be error or replace, got {c.utf8_errors!r}")
     return c
@@ -157,8 +177,16 @@ def _identity(config: PrepConfig, files: list[InputFile] | None) -> dict:
     """The prep arguments that decide the output (recorded in the manifest)."""
     tokenizer = None
     if config.tokenizer:
-        tokenizer = {"sha256": Tokenizer.from_file(config.tokenizer).sha256}
-    return {
+        tokenizer = {"sha256": load_tokenizer(config.tokenizer).sha256}
+    if config.from_megatron:
+        shards = [open_megatron(p) for p in config.from_megatron]
+        return {
+            "from_megatron": [{"path": s.prefix, "bytes": s.num_bytes} for s in shards],
+            "tokenizer": tokenizer,
+            "valid_fraction": config.valid_fraction,
+            "shard_tokens": config.shard_tokens,
+        }
+    identity = {
         "sample": get_sample(config.sample).requirement if config.sample else None,
         "inputs": [{"path": f.label, "bytes": f.size} for f in files] if files else None,
         "vocab_size": config.vocab_size,
@@ -170,6 +198,9 @@ def _identity(config: PrepConfig, files: list[InputFile] | None) -> dict:
         "utf8_errors": config.utf8_errors,
         "strict": config.strict,
     }
+    if config.vocab_size is not None and config.tokenizer_type != "sentencepiece":
+        identity["tokenizer_type"] = config.tokenizer_type  # absent: older preps stay "same"
+    return identity
 
 
 def _existing_prep_state(out: Path, identity: dict) -> str:
@@ -198,7 +229,7 @@ def _prepare_into(
 ) -> PrepResult:
     started = time.perf_counter()
     tokenizer = _get_tokenizer(config, files)
-    (staging / TOKENIZER_NAME).write_bytes(tokenizer.model_proto)
+    tokenizer.save(staging)
     if tokenizer.eos_id < 0:
         raise DataError(f"{config.tokenizer}: the tokenizer defines no EOS piece to end documents")
 
@@ -208,21 +239,23 @@ def _prepare_into(
         raise DataError(f"no documents in the {len(files)} input files ({detail})")
     if skipped:
         log.warning("skipped %s", ", ".join(f"{v} lines: {k}" for k, v in sorted(skipped.items())))
+    sources = [{"path": f.label, "bytes": f.size} for f in files]
+    trained = config.tokenizer is None
+    return _finish(
+        staging, tokenizer, trained, shards, sources, skipped, identity, input_bytes, started
+    )
 
+
+def _finish(
+    staging, tokenizer, trained, shards, sources, skipped, identity, input_bytes, started, **extra
+) -> PrepResult:
+    """Write the manifest of the shards in `staging`; the result."""
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "vocab_size": tokenizer.vocab_size,
         "dtype": tokenizer.dtype.name,
-        "tokenizer": {
-            "file": TOKENIZER_NAME,
-            "sha256": tokenizer.sha256,
-            "trained": config.tokenizer is None,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id,
-            "pad_id": tokenizer.pad_id,
-            "unk_id": tokenizer.unk_id,
-        },
+        "tokenizer": tokenizer_entry(tokenizer, trained=trained),
         "splits": {
             s: {
                 "num_tokens": sum(x["num_tokens"] for x in shards[s]),
@@ -231,9 +264,10 @@ def _prepare_into(
             }
             for s in ("train", "valid")
         },
-        "sources": [{"path": f.label, "bytes": f.size} for f in files],
+        "sources": sources,
         "skipped": dict(sorted(skipped.items())),
         "prep_args": identity,
+        **extra,
         "megapatch_version": megapatch.__version__,
     }
     write_manifest(staging, manifest)
@@ -245,6 +279,36 @@ def _prepare_into(
         input_bytes=input_bytes,
         seconds=time.perf_counter() - started,
     )
+
+
+def _convert_into(staging: Path, config: PrepConfig, identity: dict) -> PrepResult:
+    """`--from-megatron`: the shards' token ids into megapatch shards (data_prep.megatron)."""
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer.save(staging)
+    shards = [open_megatron(p) for p in config.from_megatron]
+    megatron.check_ids(shards, tokenizer, config.progress)
+    writers = {
+        s: SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens) for s in ("train", "valid")
+    }
+    try:
+        num_docs, zero_copy = megatron.convert(
+            shards, writers, tokenizer, config.valid_fraction, config.progress
+        )
+        written = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if num_docs == 0:
+        raise DataError(f"no documents in {', '.join(config.from_megatron)}")
+    sources = [{"path": s.prefix, "bytes": s.num_bytes} for s in shards]
+    input_bytes = sum(s.bin_path.stat().st_size for s in shards)
+    log.info("converted %d documents (%s)", num_docs, "zero-copy" if zero_copy else "rewritten")
+    return _finish(
+        staging, tokenizer, False, written, sources, {}, identity, input_bytes, started,
+        megatron={"zero_copy": zero_copy},
+    )  # fmt: skip
 
 
 def _tokenize(
@@ -260,7 +324,10 @@ def _tokenize(
     writer = writers["train"]
     tokens_done, input_bytes, started = 0, 0, time.perf_counter()
     total = None if any(f.compressed for f in files) else sum(f.size for f in files)
-    chunks = read_chunks(files, config.chunk_bytes)
+    # Text files are cut between words; where pieces may span words, only at cuts the
+    # tokenizer itself encodes the same apart as together.
+    cut_ok = None if tokenizer.words_are_independent else tokenizer.cut_is_exact
+    chunks = read_chunks(files, config.chunk_bytes, config.text_key, cut_ok)
     try:
         with ChunkEncoder(config.workers, tokenizer, files, options) as encoder, tqdm(
             total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
@@ -296,16 +363,17 @@ def _tokenize(
 
 def _get_tokenizer(config: PrepConfig, files: list[InputFile]) -> Tokenizer:
     if config.tokenizer:
-        tokenizer = Tokenizer.from_file(config.tokenizer)
-        if not tokenizer.words_are_independent:
+        tokenizer = load_tokenizer(config.tokenizer)
+        if tokenizer.kind == "sentencepiece" and not tokenizer.words_are_independent:
             log.info(
                 "%s: pieces may span words; encoding whole documents (slower)", config.tokenizer
             )
         return tokenizer
     budget = int(config.tokenizer_sample_mb * 1e6)
     log.info(
-        "training a %d-piece BPE tokenizer on up to %.0f MB sampled from %d files",
+        "training a %d-token %s tokenizer on up to %.0f MB sampled from %d files",
         config.vocab_size,
+        "sentencepiece BPE" if config.tokenizer_type == "sentencepiece" else "byte-level BPE",
         budget / 1e6,
         len(files),
     )
@@ -314,12 +382,25 @@ def _get_tokenizer(config: PrepConfig, files: list[InputFile]) -> Tokenizer:
         raise DataError(
             f"no text to train the tokenizer on: the {len(files)} input files hold no documents"
         )
-    tokenizer = Tokenizer(train_tokenizer(docs, config.vocab_size), source=TOKENIZER_NAME)
+    if config.tokenizer_type == "bpe":
+        return train_bpe(docs, config.vocab_size)
+    model = train_tokenizer(docs, config.vocab_size)
+    tokenizer = SentencePieceTokenizer(model, source=SentencePieceTokenizer.file_name)
     if not tokenizer.words_are_independent:  # not expected; only slower
         log.warning("the trained tokenizer has pieces spanning words; encoding will be slower")
     return tokenizer
 
 
-def _is_valid(doc_index: int, fraction: float) -> bool:
-    """Held-out documents, evenly spaced: the first n hold round(n · fraction) of them."""
-    return math.floor((doc_index + 1) * fraction + 0.5) > math.floor(doc_index * fraction + 0.5)
+def tokenizer_entry(tokenizer: Tokenizer, trained: bool) -> dict:
+    """The manifest's record of the tokenizer."""
+    return {
+        "file": tokenizer.file_name,
+        "type": tokenizer.kind,
+        "files": list(tokenizer.files()),
+        "sha256": tokenizer.sha256,
+        "trained": trained,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "unk_id": tokenizer.unk_id,
+    }

@@ -10,10 +10,11 @@ prefetching loader.
 """
 
 from megapatch.data.corpus import BlendedCorpus, Corpus, open_corpus
+from megapatch.data.hf_tokenizer import HFTokenizer
 from megapatch.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
 from megapatch.data.manifest import MANIFEST_NAME, read_manifest
 from megapatch.data.sampler import PhaseStream, WindowSampler, build_phase_streams
-from megapatch.data.tokenizer import Tokenizer
+from megapatch.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "IndexedDataset",
@@ -30,6 +31,9 @@ __all__ = [
     "PrefetchLoader",
     "eval_windows",
     "Tokenizer",
+    "SentencePieceTokenizer",
+    "HFTokenizer",
+    "load_tokenizer",
 ]
 
 

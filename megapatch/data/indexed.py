@@ -173,6 +173,15 @@ class IndexedDatasetWriter:
         self.add_tokens(tokens)
         self.end_document()
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append whole documents at once: `tokens` is their concatenation."""
+        if self._open_document:
+            raise RuntimeError("add_documents() inside a document: call end_document() first")
+        start = self.num_tokens
+        self.add_tokens(tokens)
+        self._offsets.extend((start + np.cumsum(lengths, dtype=np.int64)).tolist())
+        self._open_document = False
+
     @property
     def num_documents(self) -> int:
         return len(self._offsets) - 1
@@ -181,11 +190,18 @@ class IndexedDatasetWriter:
         if self._open_document:
             raise RuntimeError("close() inside a document: call end_document() first")
         self._bin.close()
-        code = _CODE_OF[self.dtype]
-        with open(self.idx_path, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, code, self.num_tokens, self.num_documents))
-            f.write(np.frombuffer(self._offsets, dtype=np.uint64).astype("<u8").tobytes())
+        write_index(self.idx_path, self.dtype, np.frombuffer(self._offsets, dtype=np.uint64))
 
     def abort(self) -> None:
         """Close without writing the index (the caller removes the files)."""
         self._bin.close()
+
+
+def write_index(idx_path: str | os.PathLike, dtype: np.dtype, doc_offsets: np.ndarray) -> None:
+    """The `.idx` of a shard whose `.bin` holds `doc_offsets[-1]` tokens of `dtype`, document
+    i at tokens [doc_offsets[i], doc_offsets[i + 1])."""
+    code = _CODE_OF[np.dtype(dtype).newbyteorder("<")]
+    offsets = np.asarray(doc_offsets).astype("<u8")
+    with open(idx_path, "wb") as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, code, int(offsets[-1]), len(offsets) - 1))
+        f.write(offsets.tobytes())

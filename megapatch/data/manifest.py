@@ -4,7 +4,8 @@ a complete prep.
     {
       "format": "megapatch-prep", "version": 1,
       "vocab_size": 4096, "dtype": "uint16",
-      "tokenizer": {"file": "tokenizer.model", "sha256": "...", "trained": true,
+      "tokenizer": {"file": "tokenizer.model", "type": "sentencepiece",
+                    "files": ["tokenizer.model"], "sha256": "...", "trained": true,
                     "bos_id": 1, "eos_id": 2, "pad_id": 3, "unk_id": 0},
       "splits": {"train": {"num_tokens": ..., "num_documents": ...,
                            "shards": [{"name": "train-00000", "num_tokens": ..., "num_documents": ...}]},
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megapatch.data.tokenizer import TOKENIZER_FILES
 from megapatch.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -72,7 +74,7 @@ def prep_files(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    names = [MANIFEST_NAME, "tokenizer.model"]
+    names = [MANIFEST_NAME, *TOKENIZER_FILES]
     found = [directory / n for n in names if (directory / n).exists()]
     for split in SPLITS:
         found += sorted(directory.glob(f"{split}-*.bin")) + sorted(directory.glob(f"{split}-*.idx"))

@@ -1,11 +1,21 @@
-"""The sentencepiece tokenizer with the ids the data pipeline needs, and a fast exact encoder.
+"""Tokenizers behind one interface: sentencepiece models and Hugging Face `tokenizer.json`.
 
-Encoding whole documents with sentencepiece's BPE runs at about 2 MB/s on one core. When
-the vocabulary guarantees that no piece spans a word boundary (true of the tokenizers
-`megapatch prep` trains: identity normalisation, no dummy prefix, pieces never cross a
-space or a line break), a document is the concatenation of its words' encodings, so
-each distinct word is encoded once and cached. The result is identical to
-`SentencePieceProcessor.encode(text)`; other tokenizers take the plain path.
+    tok = load_tokenizer("data/x/tokenizer.model")    # or a tokenizer.json, or an HF model dir
+    ids = tok.encode(text)                             # np.ndarray of tok.dtype, no BOS/EOS
+    tok.eos_id, tok.bos_id, tok.vocab_size, tok.save(directory)
+
+Each keeps its own form on disk (`files()`): a sentencepiece `tokenizer.model`, or a
+`tokenizer.json` with its `tokenizer_config.json`, so exports and `AutoTokenizer` read
+the same files prep encoded with.
+
+Sentencepiece and the word cache: encoding whole documents with sentencepiece's BPE runs
+at about 2 MB/s on one core. When the vocabulary guarantees that no piece spans a word
+boundary (true of the tokenizers `megapatch prep` trains: identity normalisation, no
+dummy prefix, pieces never cross a space or a line break), a document is the
+concatenation of its words' encodings, so each distinct word is encoded once and cached.
+The result is identical to `SentencePieceProcessor.encode(text)`; other sentencepiece
+models take the plain path. Hugging Face tokenizers encode in batches in Rust
+(`hf_tokenizer.HFTokenizer`).
 """
 
 from __future__ import annotations
@@ -34,13 +44,89 @@ _PROBE = "a  b\n\n\t c \r\n d\ufb01 \uff21\u00e9\u0065\u0301 \U0001f642  "
 _CACHE_WORDS = 1 << 20
 _CACHE_CHARS = 1 << 26
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+# Every file a tokenizer may bring into a prep or run directory.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_FILE, "tokenizer_config.json", "special_tokens_map.json")
+
 
 class Tokenizer:
-    """A sentencepiece model: `encode(text) -> ids`, `decode(ids) -> text`, and its ids.
+    """What the data pipeline needs of a tokenizer.
 
-    `bos_id`, `eos_id`, `pad_id`, `unk_id` are -1 where the model defines none.
-    Picklable (by its model bytes), so worker processes can receive it.
+    `vocab_size`, `dtype` (of its token ids), `bos_id`, `eos_id`, `pad_id`, `unk_id` (-1
+    where it defines none), `sha256` (of its main file), `kind` ("sentencepiece" or
+    "huggingface"), `file_name` (its main file), `source` (where it was read).
+    Subclasses are picklable, so worker processes can receive them.
     """
+
+    kind = ""
+    file_name = ""
+    words_are_independent = False  # the word cache is exact (see the module docstring)
+
+    @staticmethod
+    def from_file(path: str | os.PathLike) -> Tokenizer:
+        return load_tokenizer(path)
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def files(self) -> dict[str, bytes]:
+        """The files that carry this tokenizer, by name (the main one first)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `files()` into `directory`; the path of the main file."""
+        directory = Path(directory)
+        for name, data in self.files().items():
+            (directory / name).write_bytes(data)
+        return directory / self.file_name
+
+    def cut_is_exact(self, left: str, right: str) -> bool:
+        """Whether encoding `left` and `right` apart gives the tokens of `left + right`."""
+        joined = np.concatenate([self.encode(left), self.encode(right)])
+        return np.array_equal(joined, self.encode(left + right))
+
+    def _set_ids(self, vocab_size: int, bos: int, eos: int, pad: int, unk: int) -> None:
+        self.vocab_size = vocab_size
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
+        try:
+            self.dtype = token_dtype(vocab_size)
+        except DataError as exc:
+            raise DataError(f"{self.source}: {exc}") from None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A sentencepiece `.model`, a `tokenizer.json`, or a directory holding one (a Hugging
+    Face model or tokenizer directory, a prep or run directory). Files are told apart by
+    content, not name."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (HF_FILE, SENTENCEPIECE_FILE):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise DataError(f"{path}: holds neither {HF_FILE} nor {SENTENCEPIECE_FILE}")
+    if not path.is_file():
+        raise DataError(f"tokenizer not found: {path}")
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"{":
+        from megapatch.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_json_file(path, data)
+    return SentencePieceTokenizer(data, source=str(path))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model: `encode(text) -> ids`, `decode(ids) -> text`, and its ids.
+    Picklable by its model bytes."""
+
+    kind = "sentencepiece"
+    file_name = SENTENCEPIECE_FILE
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
         self.source = source
@@ -50,26 +136,22 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(self._proto)
         except (RuntimeError, OSError) as exc:
             raise DataError(f"{source}: not a sentencepiece model ({exc})") from None
-        self.vocab_size = self._sp.get_piece_size()
-        self.bos_id = self._sp.bos_id()
-        self.eos_id = self._sp.eos_id()
-        self.pad_id = self._sp.pad_id()
-        self.unk_id = self._sp.unk_id()
-        try:
-            self.dtype = token_dtype(self.vocab_size)
-        except DataError as exc:
-            raise DataError(f"{source}: {exc}") from None
+        sp = self._sp
+        self._set_ids(sp.get_piece_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self.words_are_independent = self._check_words_are_independent()
         self._cache: dict[str, bytes] = {}  # word -> its token ids as bytes
         self._cached_chars = 0
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer model not found: {path}")
         return cls(path.read_bytes(), source=str(path))
+
+    def files(self) -> dict[str, bytes]:
+        return {SENTENCEPIECE_FILE: self._proto}
 
     @property
     def model_proto(self) -> bytes:
@@ -132,4 +214,4 @@ class Tokenizer:
         self.__init__(state["model_proto"], state["source"])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+        return f"SentencePieceTokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"

@@ -1,7 +1,7 @@
 import pytest
 
 from data_prep.train_tokenizer import train_tokenizer
-from megapatch.data.tokenizer import Tokenizer
+from megapatch.data.tokenizer import SentencePieceTokenizer
 from tests.data.helpers import synthetic_text
 
 
@@ -12,5 +12,5 @@ def tiny_tokenizer_model() -> bytes:
 
 
 @pytest.fixture()
-def tiny_tokenizer(tiny_tokenizer_model) -> Tokenizer:
-    return Tokenizer(tiny_tokenizer_model, source="tiny.model")
+def tiny_tokenizer(tiny_tokenizer_model) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(tiny_tokenizer_model, source="tiny.model")

@@ -14,7 +14,13 @@ import data_prep.pipeline as pipeline
 from data_prep import PrepConfig, prepare
 from data_prep.pipeline import _is_valid
 from data_prep.sources import _text_blocks, resolve_inputs, sample_documents
-from megapatch.data import IndexedDataset, Tokenizer, open_corpus, read_manifest
+from megapatch.data import (
+    IndexedDataset,
+    SentencePieceTokenizer,
+    Tokenizer,
+    open_corpus,
+    read_manifest,
+)
 from megapatch.errors import DataError
 from tests.data.helpers import synthetic_text
 
@@ -112,7 +118,7 @@ def test_big_text_file_is_one_document_read_in_blocks(tmp_path, tiny_tokenizer_m
           valid_fraction=0.0, chunk_bytes=700)  # fmt: skip
     ds = IndexedDataset(tmp_path / "out" / "train-00000")
     assert ds.num_documents == 1
-    tok = Tokenizer(tiny_tokenizer_model)
+    tok = SentencePieceTokenizer(tiny_tokenizer_model)
     assert ds.tokens[:-1].tolist() == tok.encode_plain(text).tolist()
 
 

@@ -64,7 +64,7 @@ def test_bad_json_and_missing_key_fail_with_strict(tmp_path, capsys, text_file):
     # Without --strict such lines are skipped, counted and reported.
     assert main(["prep", "--no-progress", str(text_file), str(tmp_path / "nokey.jsonl"),
                  "--vocab-size", "400", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
-    assert "skipped 1 input lines: missing text" in capsys.readouterr().out
+    assert "skipped 1 input lines or rows: missing text" in capsys.readouterr().out
 
 
 def test_non_utf8_bytes(tmp_path, capsys, text_file):

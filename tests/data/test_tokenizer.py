@@ -7,7 +7,7 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megapatch.data.tokenizer import Tokenizer
+from megapatch.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from megapatch.errors import DataError
 from tests.data.helpers import synthetic_text
 
@@ -82,7 +82,7 @@ def test_other_tokenizers_take_the_plain_path():
         byte_fallback=True,
         minloglevel=2,
     )
-    tok = Tokenizer(model.getvalue())
+    tok = SentencePieceTokenizer(model.getvalue())
     assert not tok.words_are_independent
     text = "ﬁne  words\n and more"
     assert tok.encode(text).tolist() == tok.processor.encode(text)
@@ -99,5 +99,5 @@ def test_not_a_model(tmp_path):
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(DataError, match="bad.model: not a sentencepiece model"):
         Tokenizer.from_file(bad)
-    with pytest.raises(DataError, match="tokenizer model not found"):
+    with pytest.raises(DataError, match="tokenizer not found"):
         Tokenizer.from_file(tmp_path / "missing.model")
