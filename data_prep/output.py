@@ -24,12 +24,15 @@ class SplitWriter:
         self.current: IndexedDatasetWriter | None = None
         self.in_document = False
 
-    def add_tokens(self, tokens: np.ndarray) -> None:
+    def _open_shard(self) -> IndexedDatasetWriter:
         if self.current is None:
             name = f"{self.split}-{len(self.shards):05d}"
             self.current = IndexedDatasetWriter(self.directory / name, self.dtype)
             self.shards.append({"name": name})
-        self.current.add_tokens(tokens)
+        return self.current
+
+    def add_tokens(self, tokens: np.ndarray) -> None:
+        self._open_shard().add_tokens(tokens)
         self.in_document = True
 
     def end_document(self) -> None:
@@ -44,9 +47,7 @@ class SplitWriter:
         ends = np.cumsum(lengths, dtype=np.int64)
         done, first = 0, 0  # tokens and documents written
         while first < len(lengths):
-            if self.current is None:
-                self.add_tokens(tokens[:0])
-            room = self.shard_tokens - self.current.num_tokens
+            room = self.shard_tokens - self._open_shard().num_tokens
             # documents up to and including the one that fills the shard
             last = min(int(np.searchsorted(ends, done + room, side="left")), len(lengths) - 1)
             self.current.add_documents(tokens[done : ends[last]], lengths[first : last + 1])
