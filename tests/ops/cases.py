@@ -3,8 +3,10 @@ runs in-process or in the triton interpreter worker (see conftest.py)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -184,6 +186,7 @@ def _pinned_backend(backend):
     """The backend module as it was at PINNED_COMMIT, or a string saying why it can't be read."""
     root = Path(__file__).resolve().parents[2]
     folder = Path(tempfile.mkdtemp(prefix="pinned-ops-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     modules = {}
     for name in _PINNED_FILES[backend]:
         shown = subprocess.run(
