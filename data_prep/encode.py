@@ -152,6 +152,7 @@ class ChunkEncoder:
     ):
         self.workers = workers
         self.pool = None
+        tokenizer.prepare()
         if workers == 1:
             init_worker(tokenizer, files, options)
             return

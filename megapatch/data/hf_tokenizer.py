@@ -9,6 +9,17 @@ is refused: megapatch ends every document with EOS.
 Encoding runs in batches (`Tokenizer.encode_batch_fast`: no offsets are computed), one
 thread per process (prep's workers are the parallelism), without the tokenizer's own
 special tokens: prep adds EOS itself and no BOS, as for sentencepiece models.
+
+The word cache, where it is exact: the library's own pre-tokenizer (a regex over the text)
+costs most of the time, about 1-2 MB/s on one core. For the common byte-level BPE layout
+(no normalizer; GPT-2's ByteLevel regex, or a Split regex before a regex-free ByteLevel,
+as in Llama 3) the `regex` package splits the text with the tokenizer's own pattern, each
+distinct word goes through the tokenizer's BPE model once (`model.tokenize` of its
+byte-level form) and is cached: the same ids, several times faster. Exactness rests on the
+two regex engines classifying characters alike: at load every letter, digit and space of
+the Unicode tables is pre-tokenized by both in a few contexts, and a text holding a
+character they disagree on (one newer than the library's Unicode tables), or the text of
+an added token, takes the library's path.
 """
 
 from __future__ import annotations
@@ -79,6 +90,8 @@ class HFTokenizer(Tokenizer):
         self._set_ids(max(vocab.values()) + 1, ids["bos"], ids["eos"], ids["pad"], ids["unk"])
         if CONFIG_FILE not in self._files:
             self._files[CONFIG_FILE] = _config_json(self.special_tokens)
+        self._spec = json.loads(files[HF_FILE])
+        self._splitter_built, self._word_splitter = False, None
 
     @classmethod
     def from_json_file(cls, path: Path, data: bytes | None = None) -> HFTokenizer:
@@ -100,14 +113,44 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
 
+    @property
+    def _splitter(self) -> WordSplitter | None:
+        if not self._splitter_built:  # built on first use: loading stays fast
+            self._word_splitter = WordSplitter.of(self._tok, self._spec)
+            self._splitter_built = True
+        return self._word_splitter
+
+    def prepare(self) -> None:
+        self._splitter  # noqa: B018 (built once here, before workers fork, not in each)
+
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(texts)
+        rest = []  # (index, text) of texts the word cache cannot encode exactly
+        splitter = self._splitter
+        for i, text in enumerate(texts):
+            words = splitter.words(text) if splitter else None
+            if words is None:
+                rest.append((i, text))
+            else:
+                out[i] = self._encode_cached(words)
+        if rest:
+            for (i, _), ids in zip(rest, self.encode_plain_batch([t for _, t in rest])):
+                out[i] = ids
+        return out
+
+    def encode_plain_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """The library's own encoding (the reference for `encode_batch`)."""
         # Set here, not at import: the tokenizers library reads it at each call.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-        return np.split(flat, np.cumsum(lengths)[:-1]) if len(ids) else []
+        return [np.array(e.ids, dtype=self.dtype) for e in encodings]
+
+    def _encode_words(self, words: list[str]) -> list[bytes]:
+        tokenize, to_bytes = self._tok.model.tokenize, self._splitter.byte_level
+        return [
+            np.array([t.id for t in tokenize(to_bytes(w))], dtype=self.dtype).tobytes()
+            for w in words
+        ]
 
     def decode(self, ids) -> str:
         return self._tok.decode(
@@ -145,6 +188,111 @@ class HFTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class WordSplitter:
+    """The tokenizer's pre-tokenization redone with the `regex` package (module docstring)."""
+
+    def __init__(self, pattern: str, backend, added: list[str]):
+        import regex
+
+        self.pattern = regex.compile(pattern)
+        self._added = regex.compile("|".join(map(regex.escape, added))) if added else None
+        # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for
+        # code points from 256 up; a word's UTF-8 bytes read as Latin-1 map through it.
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        others = [b for b in range(256) if b not in printable]
+        table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+        self._byte_table = str.maketrans({chr(b): c for b, c in table.items()})
+        key = backend.pre_tokenizer.__getstate__()  # its JSON
+        if key not in _DISAGREEMENTS:  # once per process and pre-tokenizer
+            _DISAGREEMENTS[key] = self._disagreements(backend)
+        self._unsafe = _DISAGREEMENTS[key]
+
+    @classmethod
+    def of(cls, backend, spec: dict) -> WordSplitter | None:
+        """A splitter for a tokenizer of the supported layout, else None."""
+        try:
+            import regex  # noqa: F401
+        except ImportError:
+            return None
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+            return None
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        pattern = None
+        if len(steps) == 1 and _is_byte_level(steps[0], use_regex=True):
+            pattern = GPT2_PATTERN
+        elif (
+            len(steps) == 2
+            and steps[0].get("type") == "Split"
+            and "Regex" in (steps[0].get("pattern") or {})
+            and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert")
+            and _is_byte_level(steps[1], use_regex=False)
+        ):
+            pattern = steps[0]["pattern"]["Regex"]
+        if pattern is None:
+            return None
+        added = [t["content"] for t in spec.get("added_tokens") or [] if t.get("content")]
+        try:
+            return cls(pattern, backend, added)
+        except Exception:  # a pattern the `regex` package reads otherwise: no fast path
+            return None
+
+    def words(self, text: str) -> list[str] | None:
+        """The pre-tokenized words of `text`, or None where only the library is exact."""
+        if self._added is not None and self._added.search(text):
+            return None
+        if self._unsafe is not None and self._unsafe.search(text):
+            return None
+        words = self.pattern.findall(text)
+        if sum(map(len, words)) != len(text):  # text the pattern leaves out: not supported
+            return None
+        return words
+
+    def byte_level(self, word: str) -> str:
+        return word.encode("utf-8").decode("latin-1").translate(self._byte_table)
+
+    def _disagreements(self, backend):
+        """A regex of the characters the two engines split differently, or None. Letters,
+        digits and spaces are probed in runs of one class, after a letter, a digit, a
+        space, a period and a line break; the chars of a run that splits differently are
+        then probed one by one."""
+        import regex
+
+        everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
+        runs = regex.findall(r"\p{L}+|\p{N}+|\s+", everything)
+        bad = set()
+        for run in self._differing(runs, backend):
+            bad.update(self._differing(list(run), backend))
+        return regex.compile("[" + "".join(map(regex.escape, sorted(bad))) + "]") if bad else None
+
+    def _differing(self, items: list[str], backend) -> list[str]:
+        """The items whose probes the two engines split differently."""
+        probes, owner = [], []
+        for i, item in enumerate(items):
+            for context in ("a", "1", " ", ".", "\n"):
+                probes.append(context + item)
+                owner += [i] * (len(item) + 1)
+        text = "".join(probes)
+        ours = {m.end() for m in self.pattern.finditer(text)}
+        theirs = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(text)}
+        # a boundary belongs to the probe it ends (the text's end to the last)
+        return [items[i] for i in sorted({owner[pos - 1] for pos in ours ^ theirs})]
+
+
+def _is_byte_level(step: dict, use_regex: bool) -> bool:
+    return (
+        step.get("type") == "ByteLevel"
+        and not step.get("add_prefix_space")
+        and step.get("use_regex", True) == use_regex
+    )
+
+
+_DISAGREEMENTS: dict = {}
+# The pattern of the tokenizers library's ByteLevel pre-tokenizer (GPT-2's).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 def _config_json(special: dict[str, str]) -> bytes:

@@ -61,7 +61,9 @@ class Tokenizer:
 
     kind = ""
     file_name = ""
-    words_are_independent = False  # the word cache is exact (see the module docstring)
+    words_are_independent = False  # sentencepiece's word cache is exact (module docstring)
+    _cache: dict[str, bytes]  # word -> its token ids as bytes
+    _cached_chars = 0
 
     @staticmethod
     def from_file(path: str | os.PathLike) -> Tokenizer:
@@ -72,6 +74,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
+
+    def prepare(self) -> None:
+        """Build what encoding needs, once (prep calls it before worker processes fork)."""
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -92,9 +97,30 @@ class Tokenizer:
         joined = np.concatenate([self.encode(left), self.encode(right)])
         return np.array_equal(joined, self.encode(left + right))
 
+    def _encode_cached(self, words: list[str]) -> np.ndarray:
+        """The concatenated ids of `words`, each distinct word encoded once
+        (`_encode_words`) and kept in a bounded cache."""
+        cache = self._cache
+        parts = list(map(cache.get, words))
+        if None in parts:
+            missing = list(dict.fromkeys(w for w, p in zip(words, parts) if p is None))
+            fresh = dict(zip(missing, self._encode_words(missing)))
+            parts = [fresh[w] if p is None else p for w, p in zip(words, parts)]
+            self._cached_chars += sum(map(len, missing))
+            if len(cache) + len(fresh) > _CACHE_WORDS or self._cached_chars > _CACHE_CHARS:
+                cache.clear()
+                self._cached_chars = sum(map(len, missing))
+            cache.update(fresh)
+        return np.frombuffer(bytearray().join(parts), dtype=self.dtype)
+
+    def _encode_words(self, words: list[str]) -> list[bytes]:
+        """Each word's ids as bytes of `dtype` (for the word cache)."""
+        raise NotImplementedError
+
     def _set_ids(self, vocab_size: int, bos: int, eos: int, pad: int, unk: int) -> None:
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
+        self._cache, self._cached_chars = {}, 0
         try:
             self.dtype = token_dtype(vocab_size)
         except DataError as exc:
@@ -140,8 +166,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._set_ids(sp.get_piece_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self.words_are_independent = self._check_words_are_independent()
-        self._cache: dict[str, bytes] = {}  # word -> its token ids as bytes
-        self._cached_chars = 0
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -165,19 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
         """Token ids of `text` (no BOS/EOS added), as an array of `self.dtype`."""
         if not self.words_are_independent:
             return np.array(self._sp.encode(text), dtype=self.dtype)
-        words = _WORD.findall(text)
-        cache = self._cache
-        parts = list(map(cache.get, words))
-        if None in parts:
-            missing = list(dict.fromkeys(w for w, p in zip(words, parts) if p is None))
-            fresh = dict(zip(missing, self._encode_words(missing)))
-            parts = [fresh[w] if p is None else p for w, p in zip(words, parts)]
-            self._cached_chars += sum(map(len, missing))
-            if len(cache) + len(fresh) > _CACHE_WORDS or self._cached_chars > _CACHE_CHARS:
-                cache.clear()
-                self._cached_chars = sum(map(len, missing))
-            cache.update(fresh)
-        return np.frombuffer(bytearray().join(parts), dtype=self.dtype)
+        return self._encode_cached(_WORD.findall(text))
 
     def encode_plain(self, text: str) -> np.ndarray:
         """sentencepiece's own encoding of the whole text (the reference for `encode`)."""
