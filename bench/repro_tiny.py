@@ -45,6 +45,11 @@ def train_command(run_dir: Path, data: str, budget: int, extra: list[str]) -> li
         "checkpoint.interval=0",
         "checkpoint.at_switch=false",
         "train.resume=auto",
+        # Warmup in proportion to each phase (configs/tiny.yaml's 8 steps would be the whole
+        # patch phase at the smallest budget and a quarter of a 32-step token phase): no
+        # arm's phase is shorter than its warmup and none gets a larger share of it.
+        "train.warmup_steps=10%",
+        "eval.max_windows=null",  # the final validation loss is over the whole split
         *extra,
     ]
 

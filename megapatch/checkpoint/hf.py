@@ -159,6 +159,7 @@ def export_hf(
                 "dtype": dtype,
             },
         )
+        _apply_umask(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,6 +188,16 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
         raise ConfigError(
             f"--out {out} is not empty; pass --overwrite to replace it (nothing was written)"
         )
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the export the modes of any directory and file the user creates: mkdtemp made
+    it 0700, which a team on a shared cluster could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -128,8 +128,8 @@ class TrainSection:
     """Peak learning rate of each phase."""
     min_lr: float = 3e-5
     """Learning-rate floor, reached at the last step of each phase's decay."""
-    warmup_steps: int = 2000
-    """Linear warmup steps at the start of each phase."""
+    warmup_steps: int | str = 2000
+    """Linear warmup steps at the start of each phase, or a percentage of each phase's steps ("5%"); must be fewer than the steps of every phase."""
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup: cosine, linear or constant."""
     weight_decay: float = 0.1

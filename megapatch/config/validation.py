@@ -61,7 +61,7 @@ _POSITIVE = """
     train.max_nonfinite_steps train.max_steps checkpoint.keep_last eval.max_windows logging.interval
 """.split()
 _NON_NEGATIVE = """
-    data.num_workers data.prefetch train.min_lr train.warmup_steps train.weight_decay
+    data.num_workers data.prefetch train.min_lr train.weight_decay
     train.grad_clip checkpoint.interval checkpoint.max_failed_saves eval.interval
 """.split()
 _UNIT_INTERVAL = {  # [0, 1)
@@ -152,10 +152,27 @@ def validate(cfg: RunConfig, check: Checker) -> None:
             t.collective_timeout_s,
             "a positive finite number of seconds",
         )
+    if isinstance(t.warmup_steps, str):
+        if parse_percent(t.warmup_steps) is None:
+            check.fail("train.warmup_steps", t.warmup_steps, 'a step count or a percentage ("5%")')
+    elif t.warmup_steps < 0:
+        check.fail("train.warmup_steps", t.warmup_steps, "a value >= 0")
     if t.min_lr > t.lr:
         check.fail("train.min_lr", t.min_lr, f"at most train.lr={t.lr}")
     if not t.resume.strip():
         check.fail("train.resume", t.resume, '"auto", "none" or a checkpoint path')
+
+
+def parse_percent(value: str) -> float | None:
+    """50 for "50%", None for anything that is not a percentage in [0, 100)."""
+    text = value.strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        percent = float(text[:-1])
+    except ValueError:
+        return None
+    return percent if 0 <= percent < 100 else None
 
 
 def _validate_blend(blend: list, check: Checker) -> None:

@@ -194,10 +194,13 @@ class ProgressReport:
         self.enabled = enabled
         self.bar = None
         self.t0, self.first = time.perf_counter(), initial
-        if enabled and (stream or sys.stderr).isatty():
+        stream = stream or sys.stderr
+        if enabled and stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=stream
+            )
 
     def update(self, step: int, phase: str, loss: float, lr: float, tokens_per_s: float) -> None:
         if not self.enabled:

@@ -27,6 +27,9 @@ Rules, in one place:
   peak*(i+1)/warmup, so the last warmup step is at peak), then decays (cosine, linear, or
   constant) to min_lr, reached exactly at the phase's last step. With rewarm=false the
   run has one curve: warmup at step 0 and decay over all steps, the switch in between.
+  warmup_steps may be a percentage of each phase's steps ("5%", rounded, at least one
+  step); a curve whose warmup is not shorter than it (it would never reach its peak, or
+  never decay) is refused, naming the phase and its steps.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from megapatch.config.validation import parse_percent
 from megapatch.errors import ConfigError
 from megapatch.flops import ModelDims, PlanFlops, plan_flops
 
@@ -139,7 +143,7 @@ class StagePlan:
         micro_batch_size: int,
         lr: float,
         min_lr: float = 0.0,
-        warmup_steps: int = 0,
+        warmup_steps: int | str = 0,
         lr_decay: str = "cosine",
         dp_size: int = 1,
         rewarm: bool = True,
@@ -205,18 +209,20 @@ class StagePlan:
 
         token_sequences = tokens_per_step // seq_len
         self._check_token_batch(token_sequences, micro_batch_size)
-        whole_run = LRSchedule(lr, min_lr, warmup_steps, self.total_steps, 0, lr_decay)
 
-        def schedule(first: int, steps: int) -> LRSchedule:
-            return (
-                LRSchedule(lr, min_lr, warmup_steps, steps, first, lr_decay)
-                if rewarm
-                else whole_run
-            )
+        def curve(name: str, first: int, steps: int) -> LRSchedule:
+            warmup = self._warmup_steps(warmup_steps, name, steps)
+            return LRSchedule(lr, min_lr, warmup, steps, first, lr_decay)
+
+        if not rewarm:
+            whole_run = curve("whole run (patch.rewarm=false)", 0, self.total_steps)
+
+        def schedule(first: int, steps: int, name: str) -> LRSchedule:
+            return curve(f"{name} phase", first, steps) if rewarm else whole_run
 
         def phase(name: str, k: int, first: int, steps: int, sequences: int, micro: int) -> Phase:
             accum = sequences // (dp_size * micro)
-            lr_curve = schedule(first, steps)
+            lr_curve = schedule(first, steps, name)
             return Phase(name, k, seq_len, steps, first, sequences, micro, accum, dp_size, lr_curve)
 
         phases = []
@@ -238,6 +244,24 @@ class StagePlan:
             self.flops = plan_flops(model_dims, self)
             per_step = [ph.per_step for ph in self.flops.phases]
             self.phases = tuple(replace(ph, flops_per_step=f) for ph, f in zip(phases, per_step))
+
+    def _warmup_steps(self, warmup: int | str, curve: str, steps: int) -> int:
+        """Warmup steps of an LR curve of `steps` steps: `warmup` itself, or a percentage
+        of `steps` ("5%"); refused unless the curve has steps left after its warmup."""
+        if isinstance(warmup, str):
+            percent = parse_percent(warmup)
+            if percent is None:
+                self._fail("train.warmup_steps", warmup, 'a step count or a percentage ("5%")')
+            warmup = max(1, math.floor(percent / 100 * steps + 0.5)) if percent > 0 else 0
+        if warmup and warmup >= steps:
+            self._fail(
+                "train.warmup_steps",
+                warmup,
+                f"fewer than the {steps:,} steps of the {curve}, which would never reach its "
+                "peak LR or never decay: lower it, give it as a percentage of each phase "
+                '("5%"), or raise train.total_tokens',
+            )
+        return warmup
 
     def _fail(self, key: str, value, expected: str) -> None:
         where = self._provenance.get(key, self.source)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -155,6 +157,20 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tp2_run, tmp_path
     assert cli("export", tp2_run, "--out", out, "--overwrite") == 0
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_respects_the_umask(tp2_run, tmp_path, cli, umask):
+    # A team on a shared cluster reads the model: no 0700 directory, no 0600 files.
+    previous = os.umask(umask)
+    try:
+        assert cli("export", tp2_run, "--out", tmp_path / "hf") == 0
+    finally:
+        os.umask(previous)
+    out = tmp_path / "hf"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in files)
 
 
 def test_export_with_a_tokenizer_of_another_vocabulary_fails(

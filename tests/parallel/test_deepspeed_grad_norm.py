@@ -10,6 +10,7 @@ import torch
 
 from megapatch.model import GPT, GPTConfig
 from megapatch.parallel import destroy_model_parallel, initialize_model_parallel, mpu
+from megapatch.training.engine import grad_norm_before_step, keeps_grad_norm
 from tests.distributed import run_distributed
 from tests.fixtures import tiny_gpt_config
 
@@ -57,9 +58,15 @@ def _deepspeed_norms(rank, world_size, tp):
         loss = engine(inputs, targets, patch_size=K)
         engine.backward(loss)
         if stage == 0:
-            # Plain fp32 without ZeRO: the engine clips with this function and keeps no norm.
+            # Plain fp32 without ZeRO: the engine clips with this function and keeps no norm,
+            # so megapatch computes it before the step (what metrics.jsonl logs).
             norms[stage] = float(clip_grad_norm_(list(model.parameters()), max_norm=1e9, mpu=mpu))
+            assert not keeps_grad_norm(engine)
+            norms["megapatch"] = grad_norm_before_step(engine)
+            engine.step()
+            assert engine.get_global_grad_norm() is None
         else:
+            assert keeps_grad_norm(engine)
             engine.step()
             norms[stage] = float(engine.get_global_grad_norm())
         engine.destroy()

@@ -27,7 +27,15 @@ def test_metrics_progress_and_wandb_id_survive_a_resume(tiny_corpus, tmp_path):
     assert (
         records[1]["val_loss"] > 0 and records[1]["val_patch_loss"] > 0
     )  # patch phase: both levels
-    assert "tok/s" in first.stderr and "patch loss" in first.stderr  # the progress bar
+    assert "tok/s" in first.stderr and "patch loss" in first.stderr  # the progress
+    # Off a terminal: plain lines at logging.interval (1 here) with an ETA, no bar updates.
+    assert "\r" not in first.stderr
+    assert "step 1/12 patch loss" in first.stderr and "step 2/12 patch loss" in first.stderr
+    assert "ETA" in first.stderr
+    # wandb's banner and run summary go to the run's log file, not to the terminal.
+    assert "Run summary" not in first.stdout + first.stderr
+    assert "wandb: " not in first.stdout + first.stderr
+    assert "Run summary" in (run_dir / "train.log").read_text()
     run_id = (run_dir / "wandb_id").read_text().strip()
 
     run_train(

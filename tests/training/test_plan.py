@@ -111,3 +111,24 @@ def test_plan_does_not_import_torch():
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'plan must stay light'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+def test_a_phase_no_longer_than_its_warmup_is_refused(capsys, command, tmp_path):
+    # configs/tiny.yaml at 98,304 tokens: 8 patch steps, all of them warmup (8), 4 token steps
+    code = main([command, str(REPO / "configs" / "tiny.yaml"), "train.total_tokens=98304",
+                 f"run.dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].endswith(
+        "train.warmup_steps=8: expected fewer than the 8 steps of the patch phase, which would "
+        "never reach its peak LR or never decay: lower it, give it as a percentage of each phase "
+        '("5%"), or raise train.total_tokens'
+    )
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_warmup_as_a_percentage_of_each_phase(capsys):
+    code, out, _ = plan(capsys, str(REPO / "configs" / "tiny.yaml"), "train.warmup_steps=12.5%")
+    assert code == 0  # 64 patch steps -> 8, 32 token steps -> 4
+    assert "patch: warmup 8 steps to 0.002" in out and "token: re-warm 4 steps to 0.002" in out

@@ -93,7 +93,7 @@ def test_batch_shapes_keep_tokens_per_step(k, seq_len, dp, micro, accum, fractio
     tokens_per_step = token_sequences * seq_len
     patch_steps = math.floor(fraction * steps + 0.5) if k > 1 else 0
     try:
-        p = plan(seq_len=seq_len, patch_size=k, patch_fraction=fraction, total_tokens=steps * tokens_per_step,
+        p = plan(warmup_steps=0, seq_len=seq_len, patch_size=k, patch_fraction=fraction, total_tokens=steps * tokens_per_step,
                  tokens_per_step=tokens_per_step, micro_batch_size=micro, dp_size=dp)  # fmt: skip
     except ConfigError as exc:  # refused only for a stated reason
         assert patch_steps, str(exc)
@@ -134,7 +134,7 @@ def test_batch_shapes_keep_tokens_per_step(k, seq_len, dp, micro, accum, fractio
     ],
 )
 def test_patch_micro_batch_rule(token_sequences, micro, dp, patch_shape):
-    p = plan(tokens_per_step=token_sequences * 16, micro_batch_size=micro, dp_size=dp,
+    p = plan(warmup_steps=0, tokens_per_step=token_sequences * 16, micro_batch_size=micro, dp_size=dp,
              total_tokens=token_sequences * 16 * 10)  # fmt: skip
     patch, token = p.phases
     assert (patch.micro_batch_size, patch.grad_accum) == patch_shape
@@ -156,10 +156,16 @@ def test_impossible_shapes_are_config_errors():
 
 
 def test_lambda_rounds_to_the_nearest_step_halves_up():
-    assert plan(total_tokens=256 * 3).phases[0].steps == 2  # 0.5 x 3 = 1.5 -> 2
-    assert plan(total_tokens=256 * 3, patch_fraction=0.4).phases[0].steps == 1  # 1.2 -> 1
-    assert plan(total_tokens=256 * 100 + 255).total_steps == 100  # the partial step is dropped
-    assert plan(patch_fraction=0.004).phases[0].name == "token"  # 0.4 steps -> no patch phase
+    assert plan(warmup_steps=0, total_tokens=256 * 3).phases[0].steps == 2  # 0.5 x 3 = 1.5 -> 2
+    assert (
+        plan(warmup_steps=0, total_tokens=256 * 3, patch_fraction=0.4).phases[0].steps == 1
+    )  # 1.2 -> 1
+    assert (
+        plan(warmup_steps=0, total_tokens=256 * 100 + 255).total_steps == 100
+    )  # the partial step is dropped
+    assert (
+        plan(warmup_steps=0, patch_fraction=0.004).phases[0].name == "token"
+    )  # 0.4 steps -> no patch phase
     with pytest.raises(ConfigError, match="leaves none for the token phase"):
         plan(total_tokens=256, patch_fraction=0.5)
 
@@ -213,6 +219,33 @@ def test_lr_decay_kinds_and_single_curve():
     assert [single.lr(s) for s in range(100)] == [whole(s) for s in range(100)]
     assert single.lr(50) < single.lr(49)  # no re-warm: the curve just continues
     assert single.lr(99) == pytest.approx(0.1)
+
+
+def test_warmup_must_be_shorter_than_every_curve():
+    with pytest.raises(
+        ConfigError,
+        match="train.warmup_steps=50: expected fewer than the 50 steps of the patch phase",
+    ):
+        plan(warmup_steps=50)  # 50 patch steps, 50 token steps
+    with pytest.raises(ConfigError, match="the 20 steps of the token phase"):
+        plan(patch_fraction=0.8, warmup_steps=20)  # 80 patch steps, 20 token steps
+    # one curve over the whole run (no re-warm): only the run must outlast the warmup
+    assert plan(warmup_steps=50, rewarm=False).phases[1].lr_schedule.warmup_steps == 50
+    with pytest.raises(ConfigError, match="the 100 steps of the whole run"):
+        plan(warmup_steps=100, rewarm=False)
+    assert plan(warmup_steps=0).phases[0].lr_schedule.warmup_steps == 0
+
+
+def test_warmup_as_a_percentage_of_each_phase():
+    p = plan(patch_fraction=0.8, warmup_steps="5%")  # 80 patch steps, 20 token steps
+    assert [ph.lr_schedule.warmup_steps for ph in p.phases] == [4, 1]
+    assert plan(patch_fraction=0.8, warmup_steps="0.1%").phases[1].lr_schedule.warmup_steps == 1
+    assert plan(warmup_steps="0%").phases[0].lr_schedule.warmup_steps == 0
+    for bad in ("5", "abc%", "100%", "-1%"):
+        with pytest.raises(
+            ConfigError, match=r"train.warmup_steps=.*: expected a step count or a percentage"
+        ):
+            plan(warmup_steps=bad)
 
 
 def test_lr_schedule_without_warmup_and_in_a_short_phase():
@@ -270,7 +303,7 @@ def test_flops_match_a_hand_count():
 
 
 def test_plan_flops_and_cost_ratio():
-    p = plan(seq_len=32, tokens_per_step=32 * 4 * 8, total_tokens=32 * 4 * 8 * 30, patch_fraction=2 / 3,
+    p = plan(warmup_steps=0, seq_len=32, tokens_per_step=32 * 4 * 8, total_tokens=32 * 4 * 8 * 30, patch_fraction=2 / 3,
              model_dims=DIMS)  # fmt: skip
     patch, token = p.flops.phases
     assert patch.per_step == pytest.approx(token.per_step / 4, rel=1e-3)
@@ -280,4 +313,4 @@ def test_plan_flops_and_cost_ratio():
     assert p.cost_ratio == p.flops.precise_ratio == pytest.approx(0.5, rel=1e-3)
     assert p.flops_so_far(25) == 20 * patch.per_step + 5 * token.per_step
     # without dims the ratio still follows the rounded steps
-    assert plan(total_tokens=256 * 3).cost_ratio == pytest.approx(2 / 3 / 4 + 1 / 3)
+    assert plan(warmup_steps=0, total_tokens=256 * 3).cost_ratio == pytest.approx(2 / 3 / 4 + 1 / 3)

@@ -49,6 +49,16 @@ def test_runs_both_phases_with_equal_tokens_per_step(reference_run):
     assert final.get("final") and final["val_loss"] == pytest.approx(summary["val_loss"])
 
 
+def test_zero0_fp32_logs_the_true_grad_norm(tiny_corpus, tmp_path, reference_run):
+    # DeepSpeed clips without keeping the norm in plain fp32 without ZeRO; megapatch
+    # computes it, and it is the norm ZeRO-1 reports for the same steps.
+    run_train(tiny_corpus, tmp_path / "zero0", "parallel.zero_stage=0", "train.max_steps=10")
+    zero0 = [r["grad_norm"] for r in train_records(tmp_path / "zero0")]
+    zero1 = [r["grad_norm"] for r in train_records(reference_run)][:10]
+    assert all(isinstance(n, float) and n > 0 for n in zero0), zero0
+    np.testing.assert_allclose(zero0, zero1, rtol=1e-4)
+
+
 def test_lr_follows_the_plan_and_rewarms_at_the_switch(reference_run):
     cfg = load_config(REPO / "configs" / "tiny.yaml", TINY_OVERRIDES)
     plan = StagePlan.from_config(cfg, dp_size=1)
