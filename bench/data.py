@@ -4,10 +4,13 @@
     python bench/data.py --quick    # smaller, a smoke run
 
 Tokenization: the sample corpus (synthetic text if it cannot be fetched) is prepped with
-a tokenizer trained beforehand, with 1 and 2 workers; MB/s counts input text over the
-whole prep (read, decode, tokenize, write shards), so it includes each worker's start-up
-and cold word cache. Beside it, single-process encode rates of sentencepiece on whole
-documents (the library path) and of megapatch's word-cached encoder, cold and warm.
+a tokenizer trained beforehand, with 1 and 2 workers, once with a sentencepiece BPE and
+once with a Hugging Face byte-level BPE (tokenizer.json) of the same vocabulary size
+trained on the same text; MB/s counts input text over the whole prep (read, decode,
+tokenize, write shards), so it includes each worker's start-up and cold word cache.
+Beside it, single-process encode rates of sentencepiece on whole documents (the library
+path), of megapatch's word-cached encoder, cold and warm, and the same for the HF
+tokenizer: the library's batch encoding and megapatch's word cache over it, cold and warm.
 
 Loader: a random uint16 shard read through build_phase_streams → WindowSampler →
 PrefetchLoader with K=4, L=2048 (windows of K·L+K tokens); tokens/s counts the K·L input
@@ -38,11 +41,13 @@ from data_prep import PrepConfig, prepare, train_tokenizer  # noqa: E402
 from data_prep.sample import fetch_sample  # noqa: E402
 from megapatch.data import (  # noqa: E402
     PrefetchLoader,
-    Tokenizer,
+    SentencePieceTokenizer,
     WindowSampler,
     build_phase_streams,
+    load_tokenizer,
     open_corpus,
 )
+from megapatch.data.hf_tokenizer import train_bpe  # noqa: E402
 from megapatch.errors import MegapatchError  # noqa: E402
 from tests.data.helpers import synthetic_text, write_prep  # noqa: E402
 
@@ -78,8 +83,12 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
     texts = [p.read_text(encoding="utf-8") for p in paths]
     mb = sum(len(t.encode()) for t in texts) / 1e6
     model = train_tokenizer(texts, vocab_size)
-    model_path = workdir / "bench.model"
-    model_path.write_bytes(model)
+    tokenizer_paths = {"sentencepiece": workdir / "bench.model"}
+    tokenizer_paths["sentencepiece"].write_bytes(model)
+    # The same text and vocabulary size through a Hugging Face byte-level BPE.
+    bpe = train_bpe(texts, vocab_size)
+    (workdir / "hf").mkdir()
+    tokenizer_paths["huggingface"] = bpe.save(workdir / "hf")
 
     def encode_all(encode) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -87,34 +96,57 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
             encode(t)
         return time.perf_counter() - wall, _cpu_seconds() - cpu
 
+    def encode_batches(encode_batch) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        for i in range(0, len(texts), 8):  # as prep does: a chunk's documents in one call
+            encode_batch(texts[i : i + 8])
+        return time.perf_counter() - wall, _cpu_seconds() - cpu
+
     encode: dict[str, list[tuple[float, float]]] = {}
     for _ in range(repeats):  # best of `repeats`: other processes only ever slow a run down
-        tok = Tokenizer(model)  # a cold word cache each time
+        tok = SentencePieceTokenizer(model)  # a cold word cache each time
         encode.setdefault("sentencepiece encode, whole documents", []).append(
             encode_all(tok.encode_plain)
         )
         encode.setdefault("megapatch encode, cold word cache", []).append(encode_all(tok.encode))
         encode.setdefault("megapatch encode, warm word cache", []).append(encode_all(tok.encode))
+        hf = load_tokenizer(tokenizer_paths["huggingface"])
+        hf.prepare()  # the one-off check of the word cache's exactness, not timed
+        encode.setdefault("HF tokenizers encode_batch_fast (library path)", []).append(
+            encode_batches(hf.encode_plain_batch)
+        )
+        encode.setdefault("megapatch HF encode, cold word cache", []).append(
+            encode_batches(hf.encode_batch)
+        )
+        encode.setdefault("megapatch HF encode, warm word cache", []).append(
+            encode_batches(hf.encode_batch)
+        )
 
-    preps: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    preps: dict[tuple[str, int], list[tuple[float, float]]] = {
+        (kind, workers): [] for kind in tokenizer_paths for workers in (1, 2)
+    }
+    tokens = {}
     for rep in range(repeats):
-        for workers in preps:
+        for kind, workers in preps:
             config = PrepConfig(
-                out=str(workdir / f"prep-{workers}-{rep}"),
+                out=str(workdir / f"prep-{kind}-{workers}-{rep}"),
                 inputs=[str(p) for p in paths],
-                tokenizer=str(model_path),
+                tokenizer=str(tokenizer_paths[kind]),
                 valid_fraction=0.05,
                 workers=workers,
                 progress=False,
             )
             cpu = _cpu_seconds()
             result = prepare(config)
-            preps[workers].append((result.seconds, _cpu_seconds() - cpu))
-            tokens = sum(result.num_tokens.values())
-    same = all(
-        (workdir / "prep-1-0" / f.name).read_bytes() == f.read_bytes()
-        for f in (workdir / "prep-2-0").iterdir()
-    )
+            preps[kind, workers].append((result.seconds, _cpu_seconds() - cpu))
+            tokens[kind] = sum(result.num_tokens.values())
+    same = {
+        kind: all(
+            (workdir / f"prep-{kind}-1-0" / f.name).read_bytes() == f.read_bytes()
+            for f in (workdir / f"prep-{kind}-2-0").iterdir()
+        )
+        for kind in tokenizer_paths
+    }
 
     def best(runs):
         wall = min(w for w, _ in runs)
@@ -122,11 +154,11 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
         return {"MB/s": mb / wall, "MB/s of CPU time": mb / cpu, "seconds": wall}
 
     prep_rows = {}
-    for workers, runs in preps.items():
+    for (kind, workers), runs in preps.items():
         row = best(runs)
         row["MB/s per worker"] = row["MB/s"] / workers
-        row["tokens/s"] = tokens / row["seconds"]
-        prep_rows[workers] = row
+        row["tokens/s"] = tokens[kind] / row["seconds"]
+        prep_rows[f"{kind}, {workers} worker{'s' if workers > 1 else ''}"] = row
     return {
         "corpus_MB": mb,
         "vocab_size": vocab_size,
@@ -224,8 +256,8 @@ def main() -> int:
     print(f"  {'path (best of repeats)':<50} {'MB/s':>6} {'MB/s of CPU time':>17}")
     for label, row in tokenize["encode"].items():
         print(f"  {label + ', 1 process':<50} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}")
-    for workers, row in tokenize["prep"].items():
-        label = f"megapatch prep, {workers} worker{'s' if workers > 1 else ''} (whole prep)"
+    for name, row in tokenize["prep"].items():
+        label = f"megapatch prep, {name} (whole prep)"
         ok = "ok" if row["MB/s per worker"] >= TOKENIZE_TARGET else "below target"
         print(
             f"  {label:<50} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}   "

@@ -60,6 +60,7 @@ class HFTokenizer(Tokenizer):
 
     kind = "huggingface"
     file_name = HF_FILE
+    reads_json = True
 
     def __init__(self, files: dict[str, bytes], source: str = "<memory>"):
         self.source = source

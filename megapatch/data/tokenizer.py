@@ -61,13 +61,23 @@ class Tokenizer:
 
     kind = ""
     file_name = ""
+    reads_json = False  # its files are JSON (told apart from sentencepiece's protobuf)
+    _kinds: list[type[Tokenizer]] = []  # every subclass, for `load_tokenizer`
     words_are_independent = False  # sentencepiece's word cache is exact (module docstring)
     _cache: dict[str, bytes]  # word -> its token ids as bytes
     _cached_chars = 0
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Tokenizer._kinds.append(cls)
+
     @staticmethod
     def from_file(path: str | os.PathLike) -> Tokenizer:
         return load_tokenizer(path)
+
+    @classmethod
+    def from_json_file(cls, path: Path, data: bytes) -> Tokenizer:
+        raise NotImplementedError
 
     def encode(self, text: str) -> np.ndarray:
         raise NotImplementedError
@@ -141,9 +151,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise DataError(f"tokenizer not found: {path}")
     data = path.read_bytes()
     if data.lstrip()[:1] == b"{":
-        from megapatch.data.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer.from_json_file(path, data)
+        # megapatch.data (always imported before this module) imports hf_tokenizer
+        json_kind = next(k for k in Tokenizer._kinds if k.reads_json)
+        return json_kind.from_json_file(path, data)
     return SentencePieceTokenizer(data, source=str(path))
 
 
