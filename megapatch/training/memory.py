@@ -1,0 +1,390 @@
+"""Per-GPU memory of a training layout, estimated from the model's dimensions. Pure Python.
+
+`estimate_memory(dims, layout)` is a function of the model (ModelDims: D, layers, heads,
+KV heads, FFN, padded V) and a `Layout` (TP, PP, DP, ZeRO stage, precision, micro-batch,
+L, K, sequence parallelism, activation checkpointing, ops backend). It returns bytes per
+term for one GPU: the DP rank and pipeline stage that hold the most.
+
+Model state is what DeepSpeed 0.19 allocates with torch's AdamW (engine.py's config),
+counted tensor by tensor (tests/training/test_memory.py checks it to the byte against a
+real engine on CPU). N is this rank's parameter count, a the bytes of the model dtype
+(2 for bf16/fp16, 4 for fp32), groups the two weight-decay groups (matrices, vectors):
+
+    ZeRO-0 fp32        torch AdamW on the module: params 4N, grads 4N, Adam 8N + a 4-byte
+                       step tensor per parameter; no master copy.
+    ZeRO-0 bf16/fp16   DeepSpeed's FP16_UnfusedOptimizer: params aN, grads aN, fp32 master
+                       copies 4N (plus their fp32 grads 4N during the step), Adam 8N.
+    ZeRO-1/2           every group flattened in the model dtype, padded to a multiple of
+                       2*DP: params a*A; master and Adam partitioned, 4*A/DP and 8*A/DP,
+                       in fp32 even for fp32 runs (the master is then a second fp32 copy);
+                       after backward the gradients of the parameters overlapping this
+                       rank's partition (whole parameters, model dtype). Stage 1 and 2 hold
+                       the same here (contiguous_gradients, no overlap on CPU).
+    ZeRO-3             each parameter split into ceil(n/DP) per rank: params, master, Adam
+                       and a flat gradient partition all partitioned; parameters of at most
+                       stage3_param_persistence_threshold elements (norms) also stay whole
+                       on every rank; a reduce bucket of reduce_bucket_size elements lives
+                       for the whole run.
+
+Activations are what autograd saves in one micro-batch's forward for backward, per layer
+and position (bytes; t = TP, a as above, Dq = H*hd = D, Dkv = Hkv*hd):
+
+    2 RMSNorms         2 * (4*D + a*D)         fp32 copy of the input (pow and the scale
+                                               read it) + the normalised output (the gain
+                                               and the projections read it, one tensor)
+    attention          a*(2*Dq + 2*Dkv) / t    q and k after RoPE, v, the attention output
+                                               (flash/efficient kernels keep no L x L
+                                               matrix; RoPE multiplies by constant tables
+                                               and saves only those)
+                       + 4*H / t               fp32 logsumexp per head
+    SwiGLU MLP         4*a*F / t               gate, up, silu(gate), silu(gate)*up
+    residual adds, o_proj, down_proj: nothing (an add saves no input; no dropout, no biases)
+
+With sequence parallelism the norms' tensors are split over the sequence (divided by t)
+and the column-parallel layers save their sharded input (Megatron's scheme), so every
+term is divided by t. With activation checkpointing each block keeps only its input
+(a*D, /t under SP) and backward recomputes one block at a time (its full activations,
+once). Per sequence, outside the blocks: the int64 ids and targets of K*L tokens, the
+final norm, RoPE's cos/sin tables (fp32 and cast copies).
+
+Loss, per micro-batch (N = micro-batch * L rows, Vs = V/t rows of the head):
+`reference` keeps two fp32 [N, Vs] tensors (the logits, their exp) and builds a third in
+backward; `torch` holds one fp32 chunk of at most 2^23 logits; `triton` materialises none.
+All backends hold fp32 gradients of the hidden states and the head (4*(N*D + Vs*D)) from
+the loss to its backward, and `reference`/`torch` a fp32 copy of a 16-bit head.
+
+Transient buffers (counted in the peak, not checked to the byte): ZeRO-1/2's reduce
+bucket during backward (reduce_bucket_size elements of the model dtype), the fp32
+gradient of the group being stepped, ZeRO-3's gathered parameters (two blocks: the one
+computing and the one prefetched). The peak adds model state, gradients, buffers, the
+activations of the micro-batches in flight (one without PP; up to P on the first stage
+under 1F1B) and the loss; allocator fragmentation and the CUDA context (~0.5-1 GiB) are
+not included.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from megapatch.errors import ConfigError
+from megapatch.flops import ModelDims
+
+__all__ = [
+    "Layout",
+    "ZeroOptions",
+    "MemoryEstimate",
+    "estimate_memory",
+    "parameter_groups",
+    "model_state_bytes",
+    "activation_bytes",
+    "loss_bytes",
+    "parse_size",
+    "format_gib",
+]
+
+BACKENDS = ("reference", "torch", "triton")
+# megapatch.ops.chunked.LOGITS_PER_CHUNK: fp32 logits alive per chunk (not imported: torch).
+LOGITS_PER_CHUNK = 1 << 23
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ZeroOptions:
+    """DeepSpeed's defaults for the ZeRO knobs that size buffers (its config keys)."""
+
+    reduce_bucket_size: int = 500_000_000
+    param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
+    prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size
+
+    @classmethod
+    def from_deepspeed(cls, overrides: dict | None) -> ZeroOptions:
+        """The options a DeepSpeed config override (parallel.deepspeed) sets."""
+        zero = (overrides or {}).get("zero_optimization") or {}
+        return cls(
+            reduce_bucket_size=int(zero.get("reduce_bucket_size", cls.reduce_bucket_size)),
+            param_persistence_threshold=int(
+                zero.get("stage3_param_persistence_threshold", cls.param_persistence_threshold)
+            ),
+            prefetch_bucket_size=int(
+                zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket_size)
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model is trained: parallel sizes, precision and the batch shape of a phase."""
+
+    micro_batch: int
+    seq_len: int  # L
+    patch_size: int = 1  # K
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    precision: str = "bf16"
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    backend: str = "triton"  # what "auto" resolves to on CUDA
+    zero: ZeroOptions = field(default_factory=ZeroOptions)
+
+    def __post_init__(self):
+        if self.precision not in _DTYPE_BYTES:
+            raise ConfigError(f"precision {self.precision!r}: expected fp32, bf16 or fp16")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"ops backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"ZeRO stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        for name in ("micro_batch", "seq_len", "patch_size", "tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES[self.precision]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on one GPU. `params`, `master`, `adam` and `gradients` are exact for the
+    DeepSpeed version documented above; the rest are estimates."""
+
+    params: int  # weights in the model dtype (ZeRO-3: partition + persistent whole ones)
+    master: int  # fp32 master copies
+    adam: int  # moments, step counters, DeepSpeed's norm scalars
+    gradients: int  # held at the end of backward (ZeRO-3: the flat partition)
+    zero3_bucket: int  # ZeRO-3's reduce bucket, allocated once
+    step_buffers: int  # transient fp32 gradients during the optimizer step
+    comm_buffers: int  # transient: ZeRO-1/2 reduce bucket, ZeRO-3 gathered parameters
+    activations: int  # saved for backward, all micro-batches in flight
+    logits: int  # the loss's [N, V] logits (or chunk of them)
+    loss_buffers: int  # fp32 gradients of hidden and head, fp32 head copy
+    stage: int = 0  # pipeline stage
+    dp_rank: int = 0
+
+    @property
+    def optimizer(self) -> int:
+        return self.master + self.adam
+
+    @property
+    def persistent(self) -> int:
+        """What an engine holds between steps."""
+        persistent_grads = self.gradients if self.zero3_bucket else 0
+        return self.params + self.optimizer + persistent_grads + self.zero3_bucket
+
+    @property
+    def buffers(self) -> int:
+        return self.zero3_bucket + self.comm_buffers + self.loss_buffers
+
+    @property
+    def total(self) -> int:
+        """Peak estimate: everything at once (the step and backward peaks added: an upper bound)."""
+        return (
+            self.params
+            + self.optimizer
+            + self.gradients
+            + self.step_buffers
+            + self.buffers
+            + self.activations
+            + self.logits
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out.update(optimizer=self.optimizer, buffers=self.buffers, total=self.total)
+        return out
+
+
+def parameter_groups(dims: ModelDims, tp: int = 1, pp: int = 1, stage: int = 0):
+    """This TP rank's parameter sizes on pipeline `stage`, in the module's order, split into
+    the optimizer's two groups (engine.param_groups): ([matrix numels], [vector numels])."""
+    D, F, V = dims.d_model, dims.ffn_hidden, dims.vocab_size
+    q, kv = D, dims.kv_dim
+    per_stage = dims.n_layers // pp
+    matrices, vectors = [], []
+    if stage == 0:
+        matrices.append(V // tp * D)  # embed_tokens
+    for _ in range(per_stage):
+        vectors.append(D)  # input_layernorm
+        matrices += [q // tp * D, kv // tp * D, kv // tp * D, D * q // tp]  # q, k, v, o
+        vectors.append(D)  # post_attention_layernorm
+        matrices += [F // tp * D, F // tp * D, D * F // tp]  # gate, up, down
+    if stage == pp - 1:
+        vectors.append(D)  # final norm
+        if not dims.tie_embeddings:
+            matrices.append(V // tp * D)  # lm_head
+    return matrices, vectors
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _grads_overlapping(sizes: list[int], partition: int, rank: int) -> int:
+    """Elements of the whole parameters that overlap rank's slice of a flat group (ZeRO-1/2
+    copies those gradients into one buffer, `grads_in_partition`)."""
+    lo, hi, start, total = rank * partition, (rank + 1) * partition, 0, 0
+    for n in sizes:
+        if start < hi and start + n > lo:
+            total += n
+        start += n
+    return total
+
+
+def model_state_bytes(
+    groups, layout: Layout, dp_rank: int = 0, largest_module: int = 0
+) -> dict[str, int]:
+    """params, master, adam, gradients, zero3_bucket, step_buffers and comm_buffers of one
+    rank holding the parameter `groups` (lists of numels), per the table in the module doc;
+    `largest_module`: the elements ZeRO-3 gathers at once (a block's matrices)."""
+    a, dp, opts = layout.dtype_bytes, layout.dp, layout.zero
+    groups = [g for g in groups if g]
+    n = sum(sum(g) for g in groups)
+    tensors = sum(len(g) for g in groups)
+    out = dict(
+        params=0, master=0, adam=0, gradients=0, zero3_bucket=0, step_buffers=0, comm_buffers=0
+    )
+    if layout.zero_stage == 0:
+        out.update(params=a * n, gradients=a * n, adam=8 * n + 4 * tensors)
+        if a != 4:
+            out.update(master=4 * n, step_buffers=4 * n)
+        return out
+    if layout.zero_stage in (1, 2):
+        aligned = [_ceil_to(sum(g), 2 * dp) for g in groups]
+        parts = [s // dp for s in aligned]
+        out.update(
+            params=a * sum(aligned),
+            master=4 * sum(parts),
+            adam=8 * sum(parts) + 4 * len(groups) + 4,  # + the fp32 global grad norm
+            gradients=a * sum(_grads_overlapping(g, p, dp_rank) for g, p in zip(groups, parts)),
+            # the group being stepped: flattened (model dtype) and, if 16-bit, cast to fp32
+            step_buffers=(a + (4 if a != 4 else 0)) * max(parts),
+            comm_buffers=a * opts.reduce_bucket_size,
+        )
+        return out
+    parts = [sum(-(-x // dp) for x in g) for g in groups]
+    persistent = sum(x for g in groups for x in g if x <= opts.param_persistence_threshold)
+    out.update(
+        params=a * (sum(parts) + persistent),
+        master=4 * sum(parts),
+        adam=8 * sum(parts) + 4 * len(groups) + 8 + 1,  # + fp64 grad norm, bool overflow flag
+        gradients=a * sum(parts),
+        zero3_bucket=a * opts.reduce_bucket_size,
+        step_buffers=4 * max(parts),
+        # the module computing, whole, and what is prefetched for the next one
+        comm_buffers=a * (largest_module + min(largest_module, opts.prefetch_bucket_size)),
+    )
+    return out
+
+
+def activation_bytes(dims: ModelDims, layout: Layout, layers: int | None = None) -> dict[str, int]:
+    """Bytes autograd saves for one micro-batch in `layers` blocks (default all), by term,
+    per the per-layer formula in the module docstring."""
+    a, t = layout.dtype_bytes, layout.tp
+    D, F, H = dims.d_model, dims.ffn_hidden, dims.n_heads
+    hd, kv = D // H, dims.kv_dim
+    positions = layout.micro_batch * layout.seq_len  # b*L
+    sp = t if layout.sequence_parallel else 1
+    layers = dims.n_layers if layers is None else layers
+
+    norms = 2 * (4 + a) * D // sp
+    attention = (a * (2 * D + 2 * kv) + 4 * H) // t
+    mlp = 4 * a * F // t
+    per_layer = positions * (norms + attention + mlp)
+    block_input = positions * a * D // sp
+    if layout.activation_checkpointing:
+        blocks = layers * block_input + per_layer  # + the block being recomputed
+    else:
+        blocks = layers * per_layer
+    tokens = layout.micro_batch * layout.seq_len * layout.patch_size
+    # cos/sin [L, hd] in fp32, and per block the copies cast for q and k
+    rope = 2 * 4 * layout.seq_len * hd + (layers * 4 * a * layout.seq_len * hd if a != 4 else 0)
+    return {
+        "per_layer": per_layer,
+        "blocks": blocks,
+        "final_norm": positions * (4 + a) * D // sp,
+        "ids": 2 * 8 * tokens,  # int64 inputs (embedding) and targets (loss)
+        "rope": rope,
+    }
+
+
+def loss_bytes(dims: ModelDims, layout: Layout) -> dict[str, int]:
+    """The loss of one micro-batch: its logits and its fp32 buffers (module docstring)."""
+    n = layout.micro_batch * layout.seq_len
+    vs, D, a = dims.vocab_size // layout.tp, dims.d_model, layout.dtype_bytes
+    grads = 4 * (n * D + vs * D)
+    head_copy = 4 * vs * D if a != 4 and layout.backend != "triton" else 0
+    if layout.backend == "reference":
+        logits = 3 * 4 * n * vs
+    elif layout.backend == "torch":
+        logits = 4 * vs * max(1, min(n, LOGITS_PER_CHUNK // vs))
+    else:
+        logits = 0
+    return {"logits": logits, "loss_buffers": grads + head_copy}
+
+
+def estimate_memory(dims: ModelDims, layout: Layout) -> MemoryEstimate:
+    """The per-GPU estimate of the stage and DP rank with the largest total."""
+    if dims.n_layers % layout.pp:
+        raise ConfigError(
+            f"pipeline size {layout.pp} does not divide model.n_layers={dims.n_layers}"
+        )
+    best = None
+    for stage in range(layout.pp):
+        acts = activation_bytes(dims, layout, layers=dims.n_layers // layout.pp)
+        # 1F1B: stage s has up to P - s micro-batches' activations in flight.
+        in_flight = layout.pp - stage
+        activations = in_flight * (acts["blocks"] + acts["rope"])
+        if stage == 0:
+            activations += in_flight * acts["ids"] // 2  # the input ids
+        loss = {"logits": 0, "loss_buffers": 0}
+        if stage == layout.pp - 1:
+            activations += acts["final_norm"] + acts["ids"] // 2  # targets
+            loss = loss_bytes(dims, layout)
+        groups = parameter_groups(dims, layout.tp, layout.pp, stage)
+        t, D = layout.tp, dims.d_model
+        block = 2 * (D // t * D) + 2 * (dims.kv_dim // t * D) + 3 * (dims.ffn_hidden // t * D)
+        largest = max(block, dims.vocab_size // t * D)  # a block's matrices, or a vocab matrix
+        # Ranks differ only by where ZeRO-1/2 partition boundaries cut parameters.
+        ranks = range(layout.dp) if layout.zero_stage in (1, 2) else (0,)
+        for rank in ranks:
+            state = model_state_bytes(groups, layout, rank, largest)
+            est = MemoryEstimate(
+                **state, activations=activations, **loss, stage=stage, dp_rank=rank
+            )
+            if best is None or est.total > best.total:
+                best = est
+    return best
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str, what: str = "--gpu-memory") -> int:
+    """'80GiB', '141 GB', '96e9B' -> bytes; one-line ConfigError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]+)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS or not math.isfinite(float(m.group(1))):
+        raise ConfigError(
+            f"{what} {text!r}: expected a size with a unit, e.g. 80GiB or 141GB "
+            f"(units: {', '.join(u.upper().replace('I', 'i') for u in _UNITS)})"
+        )
+    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if size <= 0:
+        raise ConfigError(f"{what} {text!r}: expected a positive size")
+    return size
+
+
+def format_gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
