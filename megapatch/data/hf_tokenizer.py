@@ -181,14 +181,8 @@ class HFTokenizer(Tokenizer):
     def _special_contents(self) -> set[str]:
         return {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
 
-    def __getstate__(self):
-        return {"files": self._files, "source": self.source}
-
-    def __setstate__(self, state):
-        self.__init__(state["files"], state["source"])
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+    def _pickled(self) -> dict[str, bytes]:
+        return self._files
 
 
 class WordSplitter:

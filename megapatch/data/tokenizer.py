@@ -127,6 +127,19 @@ class Tokenizer:
         """Each word's ids as bytes of `dtype` (for the word cache)."""
         raise NotImplementedError
 
+    def _pickled(self):
+        """What the constructor takes (with `source`) to build this tokenizer again."""
+        raise NotImplementedError
+
+    def __getstate__(self):  # pickled by its files: worker processes rebuild it
+        return {"data": self._pickled(), "source": self.source}
+
+    def __setstate__(self, state):
+        self.__init__(state["data"], state["source"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
     def _set_ids(self, vocab_size: int, bos: int, eos: int, pad: int, unk: int) -> None:
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
@@ -229,11 +242,5 @@ class SentencePieceTokenizer(Tokenizer):
         identity = sp.decode(sp.encode(_PROBE)) == _PROBE
         return no_dummy_prefix and identity
 
-    def __getstate__(self):
-        return {"model_proto": self._proto, "source": self.source}
-
-    def __setstate__(self, state):
-        self.__init__(state["model_proto"], state["source"])
-
-    def __repr__(self) -> str:
-        return f"SentencePieceTokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+    def _pickled(self) -> bytes:
+        return self._proto
