@@ -1,5 +1,6 @@
-"""`megapatch plan CONFIG [key=value ...] [--dp N | --world-size N]`: print the phases,
-batch shapes, LR curves, FLOPs and cost of a config without starting anything.
+"""`megapatch plan CONFIG [key=value ...] [--dp N | --world-size N] [--gpu-memory SIZE]`:
+print the phases, batch shapes, LR curves, FLOPs, cost and per-GPU memory of a config
+without starting anything.
 
 Fast on purpose: it imports neither torch nor the data pipeline.
 """
@@ -9,11 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
 from megapatch.config import RunConfig, load_config
 from megapatch.errors import ConfigError
 from megapatch.flops import ModelDims
+from megapatch.training.memory import (
+    Layout,
+    MemoryEstimate,
+    ZeroOptions,
+    estimate_memory,
+    format_gib,
+    parse_size,
+)
 from megapatch.training.schedule import StagePlan, plan_for_world
 
 
@@ -40,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the data manifest is not there yet",
     )
     parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory of one GPU for the fits/does-not-fit verdict, e.g. 80GiB or 141GB "
+        "(default: the CUDA device's, if there is one)",
+    )
+    parser.add_argument(
         "--show-config", action="store_true", help="also print the resolved config with its docs"
     )
     parser.add_argument(
@@ -48,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     cfg = load_config(args.config, args.overrides)
     tp = cfg.parallel.tensor_model_parallel_size
     vocab, vocab_note = _vocab_size(cfg, args.vocab_size)
@@ -68,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--dp {args.dp}: expected at least 1")
         plan = StagePlan.from_config(cfg, dp_size=dp, vocab_size=vocab)
     flops = plan.flops
+    memory = _memory(cfg, plan, vocab)
+    gpu_source = f"--gpu-memory {args.gpu_memory}"
+    if gpu_memory is None and memory:
+        gpu_memory, gpu_source = _cuda_device_memory()
 
     if args.json:
         print(
@@ -78,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
                     "vocab_size": vocab,
                     "plan": plan.state_dict(),
                     "flops": asdict(flops) if flops else None,
+                    "memory": _memory_json(memory, gpu_memory),
                 },
                 indent=2,
             )
         )
         return 0
     print(_report(cfg, plan, tp, vocab, vocab_note, flops))
+    print()
+    print(_memory_report(cfg, plan, memory, gpu_memory, gpu_source))
     if args.show_config:
         print()
         print(cfg.render_yaml(), end="")
@@ -178,4 +204,114 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
         f"cost    relative to token-only training: lambda/K + 1 - lambda = {flops.simple_ratio:.4f}x; "
         f"precise (attention, output layer, patch averaging, whole steps) = {flops.precise_ratio:.6f}x"
     )
+    return "\n".join(lines)
+
+
+def _memory(cfg: RunConfig, plan: StagePlan, vocab: int | None) -> dict[str, MemoryEstimate]:
+    """Each phase's per-GPU estimate; {} until the vocabulary is known. The config has no
+    pipeline or sequence-parallel keys yet: PP=1, SP off."""
+    if not vocab:
+        return {}
+    dims = ModelDims.from_config(cfg, vocab)
+    backend = cfg.train.ops_backend
+    zero = ZeroOptions.from_deepspeed(cfg.parallel.deepspeed)
+    return {
+        ph.name: estimate_memory(
+            dims,
+            Layout(
+                micro_batch=ph.micro_batch_size,
+                seq_len=ph.seq_len,
+                patch_size=ph.patch_size,
+                tp=cfg.parallel.tensor_model_parallel_size,
+                pp=1,
+                dp=plan.dp_size,
+                zero_stage=cfg.parallel.zero_stage,
+                precision=cfg.train.precision,
+                sequence_parallel=False,
+                activation_checkpointing=cfg.model.activation_checkpointing,
+                backend="triton" if backend == "auto" else backend,  # auto is triton on CUDA
+                zero=zero,
+            ),
+        )
+        for ph in plan.phases
+    }
+
+
+def _cuda_device_memory() -> tuple[int | None, str]:
+    """Total memory of the current CUDA device, without importing torch (plan stays light):
+    torch's if the caller already imported it, else nvidia-smi's; (None, why) if neither."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"CUDA device {index}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    smi = shutil.which("nvidia-smi")
+    if smi is None or visible in ("", "-1"):
+        return None, "no CUDA device"
+    device = (visible or "0").split(",")[0]
+    try:
+        out = subprocess.run(
+            [smi, "-i", device, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return int(out.split()[0]) * 2**20, f"CUDA device {device} (nvidia-smi)"  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None, "no CUDA device (nvidia-smi gave no memory size)"
+
+
+def _memory_json(memory: dict[str, MemoryEstimate], gpu_memory: int | None) -> dict | None:
+    if not memory:
+        return None
+    worst = max(est.total for est in memory.values())
+    return {
+        "phases": {name: est.as_dict() for name, est in memory.items()},
+        "gpu_memory": gpu_memory,
+        "fits": None if gpu_memory is None else worst <= gpu_memory,
+    }
+
+
+_MEMORY_COLUMNS = ("params", "grads", "optimizer", "activations", "logits", "buffers", "total")
+
+
+def _memory_report(
+    cfg: RunConfig, plan: StagePlan, memory, gpu_memory: int | None, gpu_source: str
+) -> str:
+    if not memory:
+        return "memory  unknown until the vocabulary is known (see the model line)"
+    t, m = cfg.train, cfg.model
+    backend = "triton (auto, on CUDA)" if t.ops_backend == "auto" else t.ops_backend
+    checkpointing = "on" if m.activation_checkpointing else "off"
+    lines = [
+        f"memory per GPU, GiB (estimate; ZeRO-{cfg.parallel.zero_stage}, {t.precision}, TP "
+        f"{cfg.parallel.tensor_model_parallel_size}, PP 1, loss backend {backend}, activation "
+        f"checkpointing {checkpointing}, sequence parallelism off)"
+    ]
+    rows = [["phase", "micro", *_MEMORY_COLUMNS]]
+    for name, est in memory.items():
+        values = (est.params, est.gradients, est.optimizer, est.activations, est.logits)
+        rows.append(
+            [name, str(plan.phase(name).micro_batch_size)]
+            + [format_gib(v) for v in (*values, est.buffers, est.total)]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += [
+        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+        for r in rows
+    ]
+    lines.append(
+        "        optimizer = fp32 master + Adam moments; buffers = reduce bucket, fp32 step "
+        "gradients, loss gradients (docs/memory.md)"
+    )
+    name, worst = max(memory.items(), key=lambda item: item[1].total)
+    if gpu_memory is None:
+        lines.append(f"fits    no verdict: {gpu_source}; pass --gpu-memory, e.g. 80GiB")
+    else:
+        verdict = "yes" if worst.total <= gpu_memory else "NO"
+        lines.append(
+            f"fits    in {format_gib(gpu_memory)} GiB ({gpu_source}): {verdict}, the {name} "
+            f"phase peaks at {format_gib(worst.total)} GiB ({worst.total / gpu_memory:.0%})"
+        )
     return "\n".join(lines)

@@ -29,9 +29,10 @@ real engine on CPU). N is this rank's parameter count, a the bytes of the model 
 Activations are what autograd saves in one micro-batch's forward for backward, per layer
 and position (bytes; t = TP, a as above, Dq = H*hd = D, Dkv = Hkv*hd):
 
-    2 RMSNorms         2 * (4*D + a*D)         fp32 copy of the input (pow and the scale
-                                               read it) + the normalised output (the gain
-                                               and the projections read it, one tensor)
+    2 RMSNorms         2 * (4*D + 2*a*D + 4)   fp32 copy of the input (pow and the scale
+                                               read it; in fp32 the input itself), the
+                                               normalised x before the gain, the output
+                                               (the projections read it), fp32 rsqrt
     attention          a*(2*Dq + 2*Dkv) / t    q and k after RoPE, v, the attention output
                                                (flash/efficient kernels keep no L x L
                                                matrix; RoPE multiplies by constant tables
@@ -176,16 +177,15 @@ class MemoryEstimate:
 
     @property
     def buffers(self) -> int:
-        return self.zero3_bucket + self.comm_buffers + self.loss_buffers
+        return self.zero3_bucket + self.comm_buffers + self.step_buffers + self.loss_buffers
 
     @property
     def total(self) -> int:
-        """Peak estimate: everything at once (the step and backward peaks added: an upper bound)."""
+        """Peak estimate: everything at once (the backward and step peaks added: an upper bound)."""
         return (
             self.params
             + self.optimizer
             + self.gradients
-            + self.step_buffers
             + self.buffers
             + self.activations
             + self.logits
@@ -289,7 +289,7 @@ def activation_bytes(dims: ModelDims, layout: Layout, layers: int | None = None)
     sp = t if layout.sequence_parallel else 1
     layers = dims.n_layers if layers is None else layers
 
-    norms = 2 * (4 + a) * D // sp
+    norms = 2 * ((4 + 2 * a) * D + 4) // sp
     attention = (a * (2 * D + 2 * kv) + 4 * H) // t
     mlp = 4 * a * F // t
     per_layer = positions * (norms + attention + mlp)
@@ -304,7 +304,7 @@ def activation_bytes(dims: ModelDims, layout: Layout, layers: int | None = None)
     return {
         "per_layer": per_layer,
         "blocks": blocks,
-        "final_norm": positions * (4 + a) * D // sp,
+        "final_norm": positions * ((4 + 2 * a) * D + 4) // sp,
         "ids": 2 * 8 * tokens,  # int64 inputs (embedding) and targets (loss)
         "rope": rope,
     }
