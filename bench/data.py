@@ -12,6 +12,9 @@ Beside it, single-process encode rates of sentencepiece on whole documents (the 
 path), of megapatch's word-cached encoder, cold and warm, and the same for the HF
 tokenizer: the library's batch encoding and megapatch's word cache over it, cold and warm.
 
+Megatron conversion: `prep --from-megatron` of a 128M-token uint16 shard written by
+megatron-core's own builder (when installed), zero-copy and rewritten; MB/s of the .bin.
+
 Loader: a random uint16 shard read through build_phase_streams → WindowSampler →
 PrefetchLoader with K=4, L=2048 (windows of K·L+K tokens); tokens/s counts the K·L input
 tokens of each window handed out. Beside it, torch's DataLoader over a map-style dataset of
@@ -168,6 +171,54 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
     }
 
 
+def bench_megatron(workdir: Path, num_tokens: int, repeats: int) -> dict | None:
+    """`prep --from-megatron` of one uint16 shard written by megatron-core's builder:
+    zero-copy (documents ending with EOS, no validation split) and rewritten (EOS appended
+    to each document, 1% held out). MB/s counts the shard's .bin."""
+    try:
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no Transformer Engine / Apex
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    except ImportError:
+        print("(megatron-core not installed: no --from-megatron rows)", file=sys.stderr)
+        return None
+    tok_dir = workdir / "megatron-tok"
+    tok_dir.mkdir()
+    train_bpe([synthetic_text(0, 2000)], 1024).save(tok_dir)  # EOS is id 0
+    rng = np.random.default_rng(0)
+    prefixes = {}
+    for name, eos in (("with-eos", True), ("without-eos", False)):
+        builder = IndexedDatasetBuilder(str(workdir / f"{name}.bin"), dtype=np.uint16)
+        for doc in np.split(rng.integers(1, 1024, num_tokens, dtype=np.uint16), num_tokens // 4096):
+            if eos:
+                doc[-1] = 0
+            builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+        builder.finalize(str(workdir / f"{name}.idx"))
+        prefixes[name] = str(workdir / name)
+    rows = {}
+    for label, name, fraction in (
+        ("zero-copy (hard links, checks every id)", "with-eos", 0.0),
+        ("rewritten (EOS appended, 1% held out)", "without-eos", 0.01),
+    ):
+        runs = []
+        for rep in range(repeats):
+            config = PrepConfig(
+                out=str(workdir / f"megatron-{name}-{rep}"),
+                from_megatron=[prefixes[name]],
+                tokenizer=str(tok_dir),
+                valid_fraction=fraction,
+                progress=False,
+            )
+            runs.append(prepare(config).seconds)
+        mb = Path(prefixes[name] + ".bin").stat().st_size / 1e6
+        rows[label] = {"MB/s": mb / min(runs), "seconds": min(runs), "MB": mb}
+    return rows
+
+
 def bench_loader(workdir: Path, num_tokens: int, steps: int, repeats: int = 3) -> dict:
     K, L, G, micro = 4, 2048, 16, 4
     rng = np.random.default_rng(0)
@@ -248,6 +299,9 @@ def main() -> int:
             paths, workdir, vocab_size=1024 if args.quick else 4096, repeats=2 if args.quick else 3
         )
         tokenize["corpus"] = name
+        megatron = bench_megatron(
+            workdir, 1 << 22 if args.quick else 1 << 27, 2 if args.quick else 3
+        )
         loader = bench_loader(
             workdir, 4_000_000 if args.quick else 32_000_000, 40 if args.quick else 400
         )
@@ -265,6 +319,12 @@ def main() -> int:
         )
     identical = tokenize["outputs_identical_across_workers"]
     print(f"  outputs byte-identical for 1 and 2 workers: {identical}")
+    if megatron:
+        print("\nprep --from-megatron, one uint16 shard (best of repeats)")
+        for label, row in megatron.items():
+            print(
+                f"  {label:<50} {row['MB/s']:>8.0f} MB/s ({row['MB']:.0f} MB in {row['seconds']:.2f} s)"
+            )
     print(f"\nloader: K={loader['K']}, L={loader['L']}, micro-batch {loader['micro_batch']}, "
           f"{loader['shard_tokens'] / 1e6:.0f}M-token shard")  # fmt: skip
     base = loader["tokens_per_s"]["torch DataLoader, map-style, num_workers=0"]
@@ -291,6 +351,7 @@ def main() -> int:
             "tokenize_MB_per_s_per_worker": TOKENIZE_TARGET,
         },
         "tokenization": tokenize,
+        "megatron_conversion": megatron,
         "loader": loader,
     }
     out = Path(args.out)

@@ -192,7 +192,11 @@ class WordSplitter:
         import regex
 
         self.pattern = regex.compile(pattern)
-        self._added = regex.compile("|".join(map(regex.escape, added))) if added else None
+        # Added tokens are matched in the raw text: a text holding one goes to the library.
+        # Checked with plain substring search (a regex alternation of hundreds of them, or a
+        # class of thousands of characters, is slower than the encoding).
+        self._added = sorted(set(added))
+        self._added_starts = {t[:2] for t in self._added}
         # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for
         # code points from 256 up; a word's UTF-8 bytes read as Latin-1 map through it.
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -237,9 +241,9 @@ class WordSplitter:
 
     def words(self, text: str) -> list[str] | None:
         """The pre-tokenized words of `text`, or None where only the library is exact."""
-        if self._added is not None and self._added.search(text):
+        if any(p in text for p in self._added_starts) and any(t in text for t in self._added):
             return None
-        if self._unsafe is not None and self._unsafe.search(text):
+        if not self._unsafe.isdisjoint(text):
             return None
         words = self.pattern.findall(text)
         if sum(map(len, words)) != len(text):  # text the pattern leaves out: not supported
@@ -249,8 +253,8 @@ class WordSplitter:
     def byte_level(self, word: str) -> str:
         return word.encode("utf-8").decode("latin-1").translate(self._byte_table)
 
-    def _disagreements(self, backend):
-        """A regex of the characters the two engines split differently, or None. Letters,
+    def _disagreements(self, backend) -> frozenset[str]:
+        """The characters the two engines split differently. Letters,
         digits and spaces are probed in runs of one class, after a letter, a digit, a
         space, a period and a line break; the chars of a run that splits differently are
         then probed one by one."""
@@ -261,7 +265,7 @@ class WordSplitter:
         bad = set()
         for run in self._differing(runs, backend):
             bad.update(self._differing(list(run), backend))
-        return regex.compile("[" + "".join(map(regex.escape, sorted(bad))) + "]") if bad else None
+        return frozenset(bad)
 
     def _differing(self, items: list[str], backend) -> list[str]:
         """The items whose probes the two engines split differently."""
