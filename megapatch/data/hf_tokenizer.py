@@ -147,11 +147,10 @@ class HFTokenizer(Tokenizer):
         return [np.array(e.ids, dtype=self.dtype) for e in encodings]
 
     def _encode_words(self, words: list[str]) -> list[bytes]:
-        tokenize, to_bytes = self._tok.model.tokenize, self._splitter.byte_level
-        return [
-            np.array([t.id for t in tokenize(to_bytes(w))], dtype=self.dtype).tobytes()
-            for w in words
-        ]
+        # The byte-level forms of new words through the BPE model alone, in one batch.
+        mapped = list(map(self._splitter.byte_level, words))
+        encodings = self._splitter.model_only.encode_batch_fast(mapped, add_special_tokens=False)
+        return [np.array(e.ids, dtype=self.dtype).tobytes() for e in encodings]
 
     def decode(self, ids) -> str:
         return self._tok.decode(
@@ -188,9 +187,10 @@ class HFTokenizer(Tokenizer):
 class WordSplitter:
     """The tokenizer's pre-tokenization redone with the `regex` package (module docstring)."""
 
-    def __init__(self, pattern: str, backend, added: list[str]):
+    def __init__(self, pattern: str, backend, added: list[str], model_only):
         import regex
 
+        self.model_only = model_only
         self.pattern = regex.compile(pattern)
         # Added tokens are matched in the raw text: a text holding one goes to the library.
         # Checked with plain substring search (a regex alternation of hundreds of them, or a
@@ -234,8 +234,12 @@ class WordSplitter:
         if pattern is None:
             return None
         added = [t["content"] for t in spec.get("added_tokens") or [] if t.get("content")]
+        # The same BPE model with nothing around it: a whole string is one word to it.
+        bare = {"normalizer": None, "pre_tokenizer": None, "post_processor": None}
+        bare |= {"added_tokens": [], "truncation": None, "padding": None}
+        model_only = _tokenizers().Tokenizer.from_str(json.dumps(spec | bare))
         try:
-            return cls(pattern, backend, added)
+            return cls(pattern, backend, added, model_only)
         except Exception:  # a pattern the `regex` package reads otherwise: no fast path
             return None
 
