@@ -54,10 +54,12 @@ backward; `torch` holds one fp32 chunk of at most 2^23 logits; `triton` material
 All backends hold fp32 gradients of the hidden states and the head (4*(N*D + Vs*D)) from
 the loss to its backward, and `reference`/`torch` a fp32 copy of a 16-bit head.
 
-Transient buffers (counted in the peak, not checked to the byte): ZeRO-1/2's reduce
-bucket during backward (reduce_bucket_size elements of the model dtype), the fp32
-gradient of the group being stepped, ZeRO-3's gathered parameters (two blocks: the one
-computing and the one prefetched). The peak adds model state, gradients, buffers, the
+During the optimizer step DeepSpeed also holds fp32 gradients for the masters (ZeRO-0
+16-bit: all of them, 4N; ZeRO-1/2: the group being stepped, 4*A_g/DP, beside the
+backward's gradients; checked to the byte; ZeRO-3: one group's partition, an upper bound).
+Transient buffers not checked to the byte: ZeRO-1/2's reduce bucket during backward
+(reduce_bucket_size elements of the model dtype), ZeRO-3's gathered parameters (the
+module computing, whole, and up to the prefetch bucket of the next). The peak adds model state, gradients, buffers, the
 activations of the micro-batches in flight (one without PP; up to P on the first stage
 under 1F1B) and the loss; allocator fragmentation and the CUDA context (~0.5-1 GiB) are
 not included.
@@ -259,8 +261,9 @@ def model_state_bytes(
             master=4 * sum(parts),
             adam=8 * sum(parts) + 4 * len(groups) + 4,  # + the fp32 global grad norm
             gradients=a * sum(_grads_overlapping(g, p, dp_rank) for g, p in zip(groups, parts)),
-            # the group being stepped: flattened (model dtype) and, if 16-bit, cast to fp32
-            step_buffers=(a + (4 if a != 4 else 0)) * max(parts),
+            # the fp32 gradient of the group being stepped (flattened, cast), while the
+            # backward's gradients are still held
+            step_buffers=4 * max(parts),
             comm_buffers=a * opts.reduce_bucket_size,
         )
         return out

@@ -83,7 +83,8 @@ def _storages(engine, base) -> int:
 
 
 def _held_bytes(rank, world_size, tp, cases):
-    """{(stage, precision): (bytes after backward, bytes after the step)}, two steps each."""
+    """{(stage, precision): bytes held after backward, at the optimizer step (the most of
+    its per-group calls) and after the step}, on the second of two steps."""
     import deepspeed
 
     from megapatch.model import GPT
@@ -114,11 +115,14 @@ def _held_bytes(rank, world_size, tp, cases):
             model=model, model_parameters=param_groups(model, 0.1), config=config, mpu=mpu
         )
         base = base_optimizer(engine)
+        at_step: list[int] = []  # one call per parameter group under ZeRO
+        base.register_step_pre_hook(lambda *_: at_step.append(_storages(engine, base)))
         for _ in range(2):  # the second step: Adam's state exists
+            at_step.clear()
             engine.backward(engine(w[:, :-2], w[:, 2:], patch_size=2))
             after_backward = _storages(engine, base)
             engine.step()
-        out[stage, precision] = (after_backward, _storages(engine, base))
+        out[stage, precision] = (after_backward, max(at_step), _storages(engine, base))
         engine.destroy()
     destroy_model_parallel()
     return out
@@ -141,7 +145,7 @@ def test_model_state_is_what_deepspeed_allocates(tp):
     held = run_distributed(_held_bytes, world, tp, LAYOUTS[tp], reuse_workers=True)
     for rank, per_case in enumerate(held):
         dp_rank = rank // tp  # TP ranks adjacent
-        for (stage, precision), (after_backward, after_step) in per_case.items():
+        for (stage, precision), (after_backward, at_step, after_step) in per_case.items():
             layout = Layout(
                 micro_batch=2,
                 seq_len=8,
@@ -160,6 +164,10 @@ def test_model_state_is_what_deepspeed_allocates(tp):
             assert after_step == kept, where
             expected_backward = kept + (0 if stage == 3 else s["gradients"])
             assert after_backward == expected_backward, where
+            if stage == 3:  # the step's fp32 gradients: an upper bound
+                assert at_step <= expected_backward + s["step_buffers"], where
+            else:
+                assert at_step == expected_backward + s["step_buffers"], where
 
 
 def test_parameter_groups_are_the_models_in_order():
