@@ -132,3 +132,52 @@ def test_warmup_as_a_percentage_of_each_phase(capsys):
     code, out, _ = plan(capsys, str(REPO / "configs" / "tiny.yaml"), "train.warmup_steps=12.5%")
     assert code == 0  # 64 patch steps -> 8, 32 token steps -> 4
     assert "patch: warmup 8 steps to 0.002" in out and "token: re-warm 4 steps to 0.002" in out
+
+
+def memory_row(text: str, name: str) -> list[str]:
+    """The cells of a phase's row in the memory table (after the 'memory per GPU' line)."""
+    table = text[text.index("memory per GPU") :]
+    return row(table, name)
+
+
+def test_memory_plan_of_the_370m_recipe(capsys):
+    config = str(REPO / "configs" / "paper-370m-patch.yaml")
+    code, out, _ = plan(capsys, config, "--dp", "8", "--gpu-memory", "80GiB")
+    assert code == 0
+    assert "memory per GPU, GiB (estimate; ZeRO-2, bf16, TP 1, PP 1" in out
+    # phase, micro, params, grads, optimizer, activations, logits, buffers, total
+    patch, token = memory_row(out, "patch"), memory_row(out, "token")
+    assert patch[:6] == ["patch", "4", "0.69", "0.09", "0.52", patch[5]]  # 369M x 2 bytes
+    assert 4 < float(patch[5]) < 16 and patch[6] == "0.00"  # Triton: no [N, V] logits
+    assert token[2:5] == patch[2:5]
+    assert "fits    in 80.00 GiB (--gpu-memory 80GiB): yes, the patch phase peaks at" in out
+
+    _, out, _ = plan(capsys, config, "--gpu-memory", "8GB", "train.ops_backend=reference")
+    assert float(memory_row(out, "patch")[6]) > 2  # 3 fp32 [8192, 32000] buffers: 2.9 GiB
+    assert "fits    in 7.45 GiB (--gpu-memory 8GB): NO" in out
+    _, out, _ = plan(capsys, config, "model.activation_checkpointing=true")
+    assert "activation checkpointing on" in out and float(memory_row(out, "patch")[5]) < 1
+
+
+def test_memory_verdict_defaults_to_the_cuda_device(capsys, monkeypatch):
+    import megapatch.commands.plan as plan_command
+
+    config = str(REPO / "configs" / "paper-370m-patch.yaml")
+    monkeypatch.setattr(plan_command, "_cuda_device_memory", lambda: (141 * 10**9, "CUDA device 0"))
+    _, out, _ = plan(capsys, config)
+    assert "fits    in 131.32 GiB (CUDA device 0): yes" in out
+    monkeypatch.setattr(plan_command, "_cuda_device_memory", lambda: (None, "no CUDA device"))
+    _, out, _ = plan(capsys, config, "--json")
+    memory = json.loads(out)["memory"]
+    assert memory["fits"] is None and memory["gpu_memory"] is None
+    assert memory["phases"]["patch"]["params"] == 2 * 369_148_928  # bf16, DP 1: no padding
+    _, out, _ = plan(capsys, config)
+    assert "fits    no verdict: no CUDA device; pass --gpu-memory, e.g. 80GiB" in out
+
+
+def test_bad_gpu_memory_is_one_line_and_exit_2(capsys):
+    config = str(REPO / "configs" / "paper-370m-patch.yaml")
+    code, out, err = plan(capsys, config, "--gpu-memory", "abc")
+    assert code == 2 and out == ""
+    assert err.startswith("megapatch plan: error: --gpu-memory 'abc': expected a size with a unit")
+    assert len(err.strip().splitlines()) == 1
