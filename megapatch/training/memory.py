@@ -58,7 +58,7 @@ During the optimizer step DeepSpeed also holds fp32 gradients for the masters (Z
 16-bit: all of them, 4N; ZeRO-1/2: the group being stepped, 4*A_g/DP, beside the
 backward's gradients; checked to the byte; ZeRO-3: one group's partition, an upper bound).
 Transient buffers not checked to the byte: ZeRO-1/2's reduce bucket during backward
-(reduce_bucket_size elements of the model dtype), ZeRO-3's gathered parameters (the
+(reduce_bucket_size elements of the model dtype, two with overlap_comm as on CUDA), ZeRO-3's gathered parameters (the
 module computing, whole, and up to the prefetch bucket of the next). The peak adds model state, gradients, buffers, the
 activations of the micro-batches in flight (one without PP; up to P on the first stage
 under 1F1B) and the loss; allocator fragmentation and the CUDA context (~0.5-1 GiB) are
@@ -100,6 +100,7 @@ class ZeroOptions:
     reduce_bucket_size: int = 500_000_000
     param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
     prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size
+    overlap_comm: bool = True  # ZeRO-1/2: engine.py turns it on on CUDA (two reduce buckets)
 
     @classmethod
     def from_deepspeed(cls, overrides: dict | None) -> ZeroOptions:
@@ -113,6 +114,7 @@ class ZeroOptions:
             prefetch_bucket_size=int(
                 zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket_size)
             ),
+            overlap_comm=bool(zero.get("overlap_comm", cls.overlap_comm)),
         )
 
 
@@ -264,7 +266,7 @@ def model_state_bytes(
             # the fp32 gradient of the group being stepped (flattened, cast), while the
             # backward's gradients are still held
             step_buffers=4 * max(parts),
-            comm_buffers=a * opts.reduce_bucket_size,
+            comm_buffers=a * opts.reduce_bucket_size * (2 if opts.overlap_comm else 1),
         )
         return out
     parts = [sum(-(-x // dp) for x in g) for g in groups]
