@@ -273,7 +273,16 @@ def _memory_json(memory: dict[str, MemoryEstimate], gpu_memory: int | None) -> d
     }
 
 
-_MEMORY_COLUMNS = ("params", "grads", "optimizer", "activations", "logits", "buffers", "total")
+_MEMORY_COLUMNS = (
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "logits",
+    "buffers",
+    "step",
+    "total",
+)
 
 
 def _memory_report(
@@ -292,18 +301,20 @@ def _memory_report(
     rows = [["phase", "micro", *_MEMORY_COLUMNS]]
     for name, est in memory.items():
         values = (est.params, est.gradients, est.optimizer, est.activations, est.logits)
-        rows.append(
-            [name, str(plan.phase(name).micro_batch_size)]
-            + [format_gib(v) for v in (*values, est.buffers, est.total)]
-        )
+        values += (est.buffers, est.step_buffers, est.total)
+        rows.append([name, str(plan.phase(name).micro_batch_size), *map(format_gib, values)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += [
         "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
         for r in rows
     ]
     lines.append(
-        "        optimizer = fp32 master + Adam moments; buffers = reduce bucket, fp32 step "
-        "gradients, loss gradients (docs/memory.md)"
+        "        optimizer: fp32 master + Adam; buffers: reduce buckets and the loss's fp32 "
+        "gradients; step: the optimizer step's fp32 gradients"
+    )
+    lines.append(
+        "        total = params + grads + optimizer + the larger of (activations + logits + "
+        "buffers) and step (docs/memory.md)"
     )
     name, worst = max(memory.items(), key=lambda item: item[1].total)
     if gpu_memory is None:

@@ -57,12 +57,15 @@ the loss to its backward, and `reference`/`torch` a fp32 copy of a 16-bit head.
 During the optimizer step DeepSpeed also holds fp32 gradients for the masters (ZeRO-0
 16-bit: all of them, 4N; ZeRO-1/2: the group being stepped, 4*A_g/DP, beside the
 backward's gradients; checked to the byte; ZeRO-3: one group's partition, an upper bound).
-Transient buffers not checked to the byte: ZeRO-1/2's reduce bucket during backward
-(reduce_bucket_size elements of the model dtype, two with overlap_comm as on CUDA), ZeRO-3's gathered parameters (the
-module computing, whole, and up to the prefetch bucket of the next). The peak adds model state, gradients, buffers, the
-activations of the micro-batches in flight (one without PP; up to P on the first stage
-under 1F1B) and the loss; allocator fragmentation and the CUDA context (~0.5-1 GiB) are
-not included.
+Transient buffers, not checked to the byte: ZeRO-1/2's reduce bucket during backward
+(reduce_bucket_size elements of the model dtype; two with overlap_comm, as on CUDA) and
+ZeRO-3's gathered parameters (the module computing, whole, and up to the prefetch bucket
+of the next).
+
+The peak is model state and gradients plus the larger of the step's fp32 gradients and
+the backward's working set: reduce buckets, the activations of the micro-batches in
+flight (one without PP; up to P - s on stage s under 1F1B) and the loss. Allocator
+fragmentation and the CUDA context (~0.5-1 GiB) are not included.
 """
 
 from __future__ import annotations
@@ -174,26 +177,17 @@ class MemoryEstimate:
         return self.master + self.adam
 
     @property
-    def persistent(self) -> int:
-        """What an engine holds between steps."""
-        persistent_grads = self.gradients if self.zero3_bucket else 0
-        return self.params + self.optimizer + persistent_grads + self.zero3_bucket
-
-    @property
     def buffers(self) -> int:
-        return self.zero3_bucket + self.comm_buffers + self.step_buffers + self.loss_buffers
+        """Held during backward besides activations and logits."""
+        return self.zero3_bucket + self.comm_buffers + self.loss_buffers
 
     @property
     def total(self) -> int:
-        """Peak estimate: everything at once (the backward and step peaks added: an upper bound)."""
-        return (
-            self.params
-            + self.optimizer
-            + self.gradients
-            + self.buffers
-            + self.activations
-            + self.logits
-        )
+        """Peak estimate: model state and gradients, plus the larger of the backward's
+        working set (activations, loss, reduce buckets) and the step's fp32 gradients."""
+        backward = self.buffers + self.activations + self.logits
+        step = self.zero3_bucket + self.step_buffers
+        return self.params + self.optimizer + self.gradients + max(backward, step)
 
     def as_dict(self) -> dict[str, int]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}

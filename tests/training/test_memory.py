@@ -116,7 +116,9 @@ def _held_bytes(rank, world_size, tp, cases):
         )
         base = base_optimizer(engine)
         at_step: list[int] = []  # one call per parameter group under ZeRO
-        base.register_step_pre_hook(lambda *_: at_step.append(_storages(engine, base)))
+        base.register_step_pre_hook(
+            lambda *_, e=engine, b=base, out=at_step: out.append(_storages(e, b))
+        )
         for _ in range(2):  # the second step: Adam's state exists
             at_step.clear()
             engine.backward(engine(w[:, :-2], w[:, 2:], patch_size=2))
