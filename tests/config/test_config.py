@@ -30,7 +30,12 @@ SMALL = {
     "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_hidden": 128, "seq_len": 16},
     "data": {"path": "data/x"},
     "patch": {"size": 4, "fraction": 0.5},
-    "train": {"total_tokens": 64 * 40, "tokens_per_step": 64 * 4, "micro_batch_size": 4},
+    "train": {
+        "total_tokens": 64 * 40,
+        "tokens_per_step": 64 * 4,
+        "micro_batch_size": 4,
+        "warmup_steps": 2,
+    },
 }
 
 

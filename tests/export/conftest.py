@@ -34,7 +34,7 @@ TINY = [
     "train.tokens_per_step=512",
     "train.total_tokens=3072",  # 4 patch steps (K=4), then 2 token steps
     "train.micro_batch_size=8",
-    "train.warmup_steps=2",
+    "train.warmup_steps=1",  # shorter than the 2-step token phase (a longer one is refused)
     "train.precision=fp32",
     "checkpoint.interval=0",  # saved at the switch and at the end
     "eval.interval=0",

@@ -161,7 +161,7 @@ def test_tensor_parallel_model_equals_tp1(tp, tp1):
         if tp == 4:
             assert (
                 result["gqa_error"]
-                == "parallel.tensor_model_parallel_size=4: expected a divisor of model.n_heads=4 and model.n_kv_heads=2"
+                == "parallel.tensor_model_parallel_size=4: expected a divisor of model.n_heads=8 and model.n_kv_heads=2"
             )
         else:
             assert result["gqa_error"] is None
