@@ -188,12 +188,16 @@ def bench_megatron(workdir: Path, num_tokens: int, repeats: int) -> dict | None:
         return None
     tok_dir = workdir / "megatron-tok"
     tok_dir.mkdir()
-    train_bpe([synthetic_text(0, 2000)], 1024).save(tok_dir)  # EOS is id 0
+    tokenizer = train_bpe([synthetic_text(0, 2000)], 1024)  # EOS is id 0
+    tokenizer.save(tok_dir)
+    vocab = tokenizer.vocab_size
     rng = np.random.default_rng(0)
     prefixes = {}
     for name, eos in (("with-eos", True), ("without-eos", False)):
         builder = IndexedDatasetBuilder(str(workdir / f"{name}.bin"), dtype=np.uint16)
-        for doc in np.split(rng.integers(1, 1024, num_tokens, dtype=np.uint16), num_tokens // 4096):
+        for doc in np.split(
+            rng.integers(1, vocab, num_tokens, dtype=np.uint16), num_tokens // 4096
+        ):
             if eos:
                 doc[-1] = 0
             builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
