@@ -13,15 +13,10 @@ from megapatch.checkpoint.client_state import (
     read_client_state,
 )
 from megapatch.errors import CheckpointError
+from tests.checkpoint.helpers import IDENTITY as SHARED_IDENTITY
 
-IDENTITY = {
-    "config_hash": "0123456789abcdef",
-    "model_config": {"vocab_size": 250, "d_model": 32},
-    "tokenizer_sha256": "ab" * 32,
-    "tensor_model_parallel_size": 2,
-    "zero_stage": 1,
-    "data_parallel_size": 4,
-}
+# a layout other than the defaults, so reading back cannot pass by falling back to them
+IDENTITY = {**SHARED_IDENTITY, "tensor_model_parallel_size": 2, "data_parallel_size": 4}
 
 
 def _state() -> ClientState:

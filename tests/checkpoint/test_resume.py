@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from megapatch.checkpoint.client_state import ClientState, Progress
 from megapatch.checkpoint.manager import CheckpointManager
 from megapatch.checkpoint.resume import checkpoint_to_resume, resume_point
 from megapatch.config import load_config
 from megapatch.errors import CheckpointError
+from tests.checkpoint.helpers import IDENTITY, write_step
 from tests.fixtures import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
-IDENTITY = {
-    "config_hash": "0123456789abcdef",
-    "model_config": {"vocab_size": 250, "d_model": 32},
-    "tokenizer_sha256": "ab" * 32,
-    "tensor_model_parallel_size": 1,
-    "zero_stage": 1,
-    "data_parallel_size": 1,
-}
-
-
-def _step(checkpoints, step: int, *, complete: bool = True):
-    path = checkpoints / f"step_{step:08d}"
-    path.mkdir(parents=True)
-    progress = Progress.start(["token"])
-    progress.global_step = step
-    torch.save(ClientState(progress, {}, IDENTITY).to_engine(), path / "mp_rank_00_model_states.pt")
-    if complete:
-        (path / "COMPLETE").write_text(f"{step}\n")
-    return path
 
 
 def test_none_auto_and_a_path(tmp_path):
@@ -41,9 +21,9 @@ def test_none_auto_and_a_path(tmp_path):
     assert checkpoint_to_resume(cfg("none"), manager) is None
     assert checkpoint_to_resume(cfg("auto"), manager) is None  # nothing yet: start fresh
 
-    _step(checkpoints, 4)
-    _step(checkpoints, 8)
-    interrupted = _step(checkpoints, 12, complete=False)
+    write_step(checkpoints, 4)
+    write_step(checkpoints, 8)
+    interrupted = write_step(checkpoints, 12, complete=False)
     latest = checkpoint_to_resume(cfg("auto"), manager)
     assert latest.step == 8 and not interrupted.exists()  # auto clears an interrupted save
     assert checkpoint_to_resume(cfg(checkpoints / "step_00000004"), manager).step == 4
@@ -54,7 +34,7 @@ def test_none_auto_and_a_path(tmp_path):
 
 def test_resume_point_reads_the_client_state_once_and_checks_it(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    _step(checkpoints, 6)
+    write_step(checkpoints, 6)
     manager = CheckpointManager(checkpoints)
     cfg = load_config(TINY, ["train.resume=auto"])
     resume = resume_point(cfg, manager, IDENTITY)

@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megapatch.checkpoint.client_state import CLIENT_KEY, ClientState, Progress
 from megapatch.checkpoint.manager import CheckpointManager
 from megapatch.checkpoint.resume import resume_point
 from megapatch.checkpoint.safe_load import safe_load
 from megapatch.config import load_config
 from megapatch.errors import CheckpointError
+from tests.checkpoint.helpers import IDENTITY, write_step
 from tests.fixtures import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
-IDENTITY = {
-    "config_hash": "0123456789abcdef",
-    "model_config": {"vocab_size": 250, "d_model": 32, "n_layers": 1, "n_heads": 2,
-                     "ffn_hidden": 64, "seq_len": 8},
-    "tokenizer_sha256": "ab" * 32,
-    "tensor_model_parallel_size": 1,
-    "zero_stage": 0,
-    "data_parallel_size": 1,
-}  # fmt: skip
 
 
 class RunsCode:
@@ -44,18 +35,13 @@ class RunsCode:
 
 def _checkpoint(root: Path, *, evil_in: str | None, marker: Path) -> Path:
     """A complete checkpoint directory; `evil_in` names the file that carries the payload."""
-    step = root / "checkpoints" / "step_00000004"
-    (step / "megapatch").mkdir(parents=True)
-    state = ClientState(Progress.start(["token"]), {}, IDENTITY).to_engine()
-    model_states = {"module": {"w": torch.zeros(2)}, **state}
+    payload = {"extra": RunsCode(marker)} if evil_in == "model_states" else {}
+    step = write_step(root / "checkpoints", 4, module={"w": torch.zeros(2)}, **payload)
     rank_state = {"rng": {"torch": torch.get_rng_state()}}
-    if evil_in == "model_states":
-        model_states[CLIENT_KEY]["progress"] = RunsCode(marker)
     if evil_in == "rank_state":
         rank_state["extra"] = RunsCode(marker)
-    torch.save(model_states, step / "mp_rank_00_model_states.pt")
+    (step / "megapatch").mkdir()
     torch.save(rank_state, step / "megapatch" / "rank_00000.pt")
-    (step / "COMPLETE").write_text("4\n")
     (root / "checkpoints" / "latest").write_text("step_00000004\n")
     return step
 
