@@ -64,8 +64,9 @@ class LoadedCheckpoint:
 
     def tokenizer_path(self) -> Path | None:
         """The run's tokenizer: the copy in the run directory, else the training data's."""
-        if self.run_dir is not None and (self.run_dir / "tokenizer.model").is_file():
-            return self.run_dir / "tokenizer.model"
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if self.run_dir is not None and (self.run_dir / name).is_file():
+                return self.run_dir / name
         data = self.run_config.get("data", {})
         prep_dir = data.get("path") or (data.get("blend") or [{}])[0].get("path")
         if prep_dir:
@@ -200,13 +201,13 @@ def merge_tensor_parallel_shards(
 def _gather_zero3(step_dir: Path, client: ClientState) -> dict[str, torch.Tensor]:
     if client.tensor_model_parallel_size != 1:
         raise CheckpointError(f"{step_dir}: ZeRO-3 with TP>1 is not a layout megapatch writes")
-    # zero_to_fp32 unpickles every partition without restrictions: check them first.
-    check_files(sorted(step_dir.glob("*.pt")))
     # DeepSpeed logs to stdout on import and zero_to_fp32 prints its progress and bars:
     # keep the command's output its own.
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            # zero_to_fp32 unpickles every partition without restrictions: check them first.
+            check_files(sorted(step_dir.glob("*.pt")))
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(

@@ -126,7 +126,7 @@ def test_every_layout_exports_the_same_model(tp2_run, zero3_run, tmp_path, cli):
     assert cli("export", zero3_run, "--out", tmp_path / "zero3") == 0
     _, zero3 = read_hf(tmp_path / "zero3")
     tp2 = read_checkpoint(tp2_run)
-    assert read_checkpoint(zero3_run).meta["zero_stage"] == 3
+    assert read_checkpoint(zero3_run).client_state.zero_stage == 3
     assert zero3.keys() == tp2.state_dict.keys()
     for name, weight in tp2.state_dict.items():
         torch.testing.assert_close(zero3[name], weight, rtol=0, atol=1e-4, msg=name)
