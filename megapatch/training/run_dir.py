@@ -2,7 +2,8 @@
 
 run_dir/config.yaml       the resolved config (its hash is the run's identity)
 run_dir/plan.txt          the stage plan the run trains
-run_dir/tokenizer.model   the data's tokenizer, so eval/export/generate need no data
+run_dir/tokenizer.model   the data's tokenizer in its own form (or tokenizer.json with its
+                          tokenizer_config.json), so eval/export/generate need no data
 run_dir/metrics.jsonl     (training.metrics)
 run_dir/summary.json      the end-of-run summary
 run_dir/train.log         rank 0's log lines, wandb's own output among them
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from megapatch.checkpoint import CheckpointManager
 from megapatch.config import RunConfig, load_config
+from megapatch.data import load_tokenizer
 from megapatch.errors import ConfigError
 
 LOG_FILE = "train.log"
@@ -51,8 +52,9 @@ def write_run_files(cfg: RunConfig, run_dir: Path, plan, tokenizer_path: str | P
     """The files a run directory holds from the start (rank 0)."""
     cfg.save_resolved(run_dir)
     (run_dir / "plan.txt").write_text(plan.table() + "\n")
-    # The run directory is self-contained: eval/export/generate find the tokenizer here.
-    shutil.copyfile(tokenizer_path, run_dir / "tokenizer.model")
+    # The run directory is self-contained: eval/export/generate find the tokenizer here,
+    # as the data holds it (a tokenizer.json keeps its config files beside it).
+    load_tokenizer(tokenizer_path).save(run_dir)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
