@@ -6,9 +6,10 @@
 megapatch's GPT follows LlamaForCausalLM's conventions exactly (parameter names without
 the `model.` prefix, half-split RoPE, RMSNorm, SwiGLU, no biases), so conversion is a
 renaming, with no permutation. An export holds config.json, model.safetensors (or shards
-with model.safetensors.index.json), the sentencepiece tokenizer.model with a
-tokenizer_config.json for `AutoTokenizer` (no BOS is added: megapatch trains without one;
-documents end with EOS), and megapatch.json naming the source checkpoint. Writing needs
+with model.safetensors.index.json), the run's tokenizer in its own form (a sentencepiece
+tokenizer.model with a tokenizer_config.json for `AutoTokenizer`: no BOS is added,
+megapatch trains without one and documents end with EOS; or the tokenizer.json and its
+config files as prep read them), and megapatch.json naming the source checkpoint. Writing needs
 `safetensors` (and `huggingface_hub` to shard); reading the export back needs neither
 transformers nor a GPU.
 """
@@ -252,7 +253,11 @@ def _bytes(size: str | int) -> int:
 
 def _write_tokenizer(tokenizer, special: dict[str, int], seq_len: int, directory: Path) -> None:
     """The sentencepiece model plus the settings under which AutoTokenizer encodes exactly
-    as megapatch does: no BOS/EOS added, no dummy prefix, no legacy space handling."""
+    as megapatch does: no BOS/EOS added, no dummy prefix, no legacy space handling. A
+    Hugging Face tokenizer goes as its own files, byte for byte."""
+    if tokenizer.kind != "sentencepiece":
+        tokenizer.save(directory)
+        return
     (directory / "tokenizer.model").write_bytes(tokenizer.model_proto)
     piece = tokenizer.processor.id_to_piece
     tokens = {f"{name}_token": piece(i) for name, i in special.items()}
@@ -399,8 +404,7 @@ def load_hf_into_model(model: GPT, hf_dir: str | os.PathLike) -> None:
         if field == "vocab_size":
             raise CheckpointError(
                 f"{source}: vocab_size={theirs} but the run's vocabulary is {ours}: the data "
-                f"was tokenized with another tokenizer (prep it with --tokenizer "
-                f"{Path(hf_dir) / 'tokenizer.model'})"
+                f"was tokenized with another tokenizer (prep it with --tokenizer {hf_dir})"
             )
         run_key = "n_kv_heads" if field == "kv_heads" else field
         raise CheckpointError(

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split the weights into safetensors shards of at most this size (default: 5GB)",
     )
     parser.add_argument(
-        "--tokenizer", help="sentencepiece model to ship (default: the run's tokenizer.model)"
+        "--tokenizer",
+        help="tokenizer to ship: a sentencepiece .model, a tokenizer.json or a directory "
+        "holding one (default: the run's)",
     )
 
 

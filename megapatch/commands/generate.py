@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ignore-eos", action="store_true", help="keep going past an end-of-document token"
     )
-    parser.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
+    parser.add_argument(
+        "--tokenizer", help="a sentencepiece .model or a tokenizer.json (default: the run's)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
