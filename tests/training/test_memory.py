@@ -1,5 +1,5 @@
 """megapatch.training.memory: model state to the byte against a real DeepSpeed engine on
-CPU (gloo, DP=2 and TP=2), a block's activations against what autograd saves, and the
+CPU (gloo, DP=2 and TP=2; fp32, bf16, fp16), a block's activations against what autograd saves, and the
 scaling of the estimate in micro-batch, TP, SP, checkpointing, PP and the loss backend."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _held_bytes(rank, world_size, tp, cases):
 
 
 LAYOUTS = {  # (TP, cases): ZeRO-3 with TP > 1 is refused by the config today
-    1: [(s, p) for s in (0, 1, 2, 3) for p in ("fp32", "bf16")],
+    1: [(s, p) for s in (0, 1, 2, 3) for p in ("fp32", "bf16", "fp16")],
     2: [(s, p) for s in (0, 1, 2) for p in ("fp32", "bf16")],
 }
 
