@@ -118,7 +118,7 @@ class PlanFlops:
     phases: tuple[PhaseFlops, ...]
     total: int
     token_only_total: int  # the same model trained token-only on the same steps and tokens
-    simple_ratio: float  # lambda/K + 1 - lambda with the configured lambda
+    simple_ratio: float  # sum of lambda_i/K_i + 1 - sum of lambda_i, configured lambdas
     precise_ratio: float  # total / token_only_total
     token_only_per_token: float
 
@@ -136,10 +136,6 @@ def plan_flops(dims: ModelDims, plan) -> PlanFlops:
     total = sum(ph.total for ph in phases)
     token_sequences = plan.tokens_per_step // plan.seq_len
     token_only = plan.total_steps * token_sequences * training_flops_per_sequence(dims, 1)
-    if plan.patch_size > 1:
-        lam = plan.patch_fraction
-        simple = lam / plan.patch_size + 1 - lam
-    else:
-        simple = 1.0
+    simple = plan.simple_cost_ratio
     per_token = token_only / plan.total_tokens
     return PlanFlops(tuple(phases), total, token_only, simple, total / token_only, per_token)

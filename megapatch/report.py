@@ -1,7 +1,7 @@
 """Compare runs from their metrics.jsonl: PNG plots and a Markdown table.
 
 Validation loss is plotted against tokens, estimated training FLOPs and wall time, with
-each run's patch → token switch marked, because "same quality at half the compute" is a
+each run's switches (patch → patch, patch → token) marked, because "same quality at half the compute" is a
 claim about the x-axis.
 """
 
@@ -32,13 +32,11 @@ class RunCurve:
         return [r for r in self.records if r.get("val_loss") is not None]
 
     @property
-    def switch(self) -> dict | None:
-        """The last record of the patch phase, if the run had one."""
-        last_patch = None
-        for r in self.records:
-            if r.get("phase") == "patch":
-                last_patch = r
-        return last_patch
+    def switches(self) -> list[dict]:
+        """The last training record of every phase that a switch ends (patch -> patch,
+        patch -> token), in order."""
+        steps = [r for r in self.records if r.get("phase") and not r.get("final")]
+        return [r for r, after in zip(steps, steps[1:]) if after["phase"] != r["phase"]]
 
     @property
     def final(self) -> dict | None:
@@ -86,12 +84,12 @@ def plot(runs: list[RunCurve], out_dir: Path) -> list[Path]:
                 continue
             xs, ys = zip(*points)
             (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=run.name)
-            switch = run.switch
-            if switch is not None and switch.get(key) is not None:
-                ax.axvline(switch[key], color=line.get_color(), linestyle=":", linewidth=1)
+            for switch in run.switches:
+                if switch.get(key) is not None:
+                    ax.axvline(switch[key], color=line.get_color(), linestyle=":", linewidth=1)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (token level, nats)")
-        ax.set_title(f"validation loss vs {label} (dotted: patch→token switch)")
+        ax.set_title(f"validation loss vs {label} (dotted: switches)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -1,7 +1,7 @@
 """When a run saves a checkpoint, and what a failed save means.
 
-Saves: every `checkpoint.interval` steps, at the end of the patch phase
-(`checkpoint.at_switch`), and at every stop (end, max_steps, preemption: "final" saves).
+Saves: every `checkpoint.interval` steps, at the end of every patch stage (each switch,
+`checkpoint.at_switch`), and at every stop (end, max_steps, preemption: "final" saves).
 Never inside a streak of non-finite losses: such a state must not become the latest.
 
 A periodic save that fails is logged loudly and retried at the next save point: training
@@ -37,7 +37,7 @@ class SavePolicy:
             return None
         if self.interval and step % self.interval == 0:
             return "interval"
-        if at_phase_end and phase_name == "patch" and self.at_switch:
+        if at_phase_end and phase_name != "token" and self.at_switch:  # every switch
             return "switch"
         return None
 

@@ -165,20 +165,12 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
         f"cluster TP {tp} x DP {plan.dp_size} = {tp * plan.dp_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, "
         f"{cfg.train.precision}"
     )
-    split = (
-        f"patch.fraction {p.fraction:.4g} -> {plan.phases[0].steps:,} patch steps (nearest whole step)"
-        if plan.switch_step is not None
-        else "a single token phase"
-    )
-    lines.append(
-        f"budget  {plan.total_tokens:,} tokens ({_count(plan.total_tokens)}) = {plan.total_steps:,} steps x "
-        f"{plan.tokens_per_step:,} tokens per step; {split}"
-    )
+    lines.append(_budget(plan, p))
     lines += ["", plan.table(), ""]
     if flops is None:
         lines.append("FLOPs   unknown until the vocabulary is known (see the model line)")
         lines.append(
-            f"cost    relative to token-only training: lambda/K + 1 - lambda = {plan.cost_ratio:.4f}x "
+            f"cost    relative to token-only training: {_formula(plan)} = {plan.cost_ratio:.4f}x "
             "(lambda rounded to whole steps)"
         )
         return "\n".join(lines)
@@ -201,10 +193,41 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
     ]
     lines.append("")
     lines.append(
-        f"cost    relative to token-only training: lambda/K + 1 - lambda = {flops.simple_ratio:.4f}x; "
+        f"cost    relative to token-only training: {_formula(plan)} = {flops.simple_ratio:.4f}x; "
         f"precise (attention, output layer, patch averaging, whole steps) = {flops.precise_ratio:.6f}x"
     )
     return "\n".join(lines)
+
+
+def _budget(plan: StagePlan, p) -> str:
+    """The budget line: what train.total_tokens means under patch.batching, and the split."""
+    stages = plan.phases[:-1]
+    if not stages:
+        split = "a single token phase"
+    elif plan.shorthand:
+        split = f"patch.fraction {p.fraction:.4g} -> {stages[0].steps:,} patch steps (nearest whole step)"
+    else:
+        fractions = " + ".join(f"{st['fraction']:.4g}" for st in plan.stages)
+        steps = " + ".join(f"{ph.steps:,}" for ph in stages)
+        split = f"patch.stages {fractions} -> {steps} patch steps (nearest whole steps)"
+    what = f"{plan.total_tokens:,} tokens ({_count(plan.total_tokens)})"
+    if plan.batching == "sequences":
+        what = (
+            f"{plan.total_tokens:,} token-step equivalents of compute (patch.batching=sequences: "
+            f"every step has the token phase's {plan.phases[-1].sequences_per_step:,} sequences and "
+            f"FLOPs, a K-stage step reads K x the tokens; {plan.tokens_read:,} tokens read)"
+        )
+    return f"budget  {what} = {plan.total_steps:,} steps x {plan.tokens_per_step:,} tokens per step; {split}"
+
+
+def _formula(plan: StagePlan) -> str:
+    if plan.batching == "sequences":
+        return "1 (equal FLOPs per step)"
+    return (
+        "lambda/K + 1 - lambda"
+        if len(plan.phases) <= 2
+        else "sum(lambda_i/K_i) + 1 - sum(lambda_i)"
+    )
 
 
 def _memory(cfg: RunConfig, plan: StagePlan, vocab: int | None) -> dict[str, MemoryEstimate]:

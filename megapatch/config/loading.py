@@ -15,7 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from megapatch.config.sections import FIELD_DOCS, SECTIONS, RunConfig
+from megapatch.config.sections import FIELD_DOCS, SECTIONS, PatchSection, RunConfig
 from megapatch.config.validation import Checker, validate
 from megapatch.config.yamlio import apply_override, dump_scalar, merge, read_with_bases
 from megapatch.errors import ConfigError
@@ -125,6 +125,10 @@ def build(raw: dict, provenance: dict, source: str, run_name_default: str | None
     cfg = RunConfig(**sections, source=source, provenance=provenance)
     cfg = _resolve_defaults(cfg, run_name_default)
     validate(cfg, check)
+    if cfg.patch.stages is not None:  # stages replace the shorthand: its keys show the defaults
+        defaults = PatchSection()
+        patch = dataclasses.replace(cfg.patch, size=defaults.size, fraction=defaults.fraction)
+        cfg = dataclasses.replace(cfg, patch=patch)
     return cfg
 
 

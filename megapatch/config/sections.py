@@ -101,18 +101,86 @@ class DataSection:
     """Seed of the window order. null = run.seed."""
 
 
+@dataclass(frozen=True)
+class PatchStage:
+    """One patch stage of a run, resolved from `patch.stages` or the one-stage shorthand."""
+
+    size: int  # K >= 2
+    fraction: float  # share of the run's optimizer steps
+    position_weights: tuple[float, ...] | None  # normalised [K]; None = uniform
+    reset_optimizer: bool  # at the switch out of this stage
+    rewarm: bool  # at the switch out of this stage
+
+
 @dataclass(frozen=True, kw_only=True)
 class PatchSection:
     IDENTITY: ClassVar = {"size", "fraction", "reset_optimizer", "rewarm"}
+    # In the identity only when set away from the default: a run that leaves them alone
+    # keeps the config hash (and the checkpoints) it had before they existed.
+    IDENTITY_IF_SET: ClassVar = {"stages", "batching", "position_weights"}
     size: int = 4
-    """K: tokens averaged into one patch. K=1 is ordinary next-token training."""
+    """K: tokens averaged into one patch. K=1 is ordinary next-token training. With
+    patch.fraction, the one-stage shorthand of patch.stages."""
     fraction: float = 2 / 3
     """lambda in [0, 1): share of the budget's steps trained on patches (0.5, "2/3", ...)."""
+    stages: list | None = None
+    """Several patch stages before the token phase, in order: a list of {size: K,
+    fraction: f} (K >= 2; f > 0 the share of the run's optimizer steps; the fractions sum
+    to less than 1, the rest is token-level), e.g. [{size: 8, fraction: 0.25}, {size: 4,
+    fraction: 0.25}]. A stage may also set position_weights, and reset_optimizer / rewarm
+    for the switch at its end. null = the shorthand patch.size + patch.fraction; giving
+    both forms is an error (unless patch.stages is a command-line override of a file's
+    shorthand). Phases are named patch1, patch2, ... then token (one stage: patch)."""
+    batching: Literal["tokens", "sequences"] = "tokens"
+    """tokens: every step reads train.tokens_per_step tokens (the paper), so a K-stage step
+    takes K times fewer sequences and costs about 1/K of a token step; train.total_tokens
+    is a budget of tokens. sequences: every step has the token phase's sequences and
+    positions (Token Superposition Training), so a K-stage step reads K times the tokens at
+    the same FLOPs; train.total_tokens is then a compute budget in token-step equivalents
+    (steps x tokens_per_step) and a stage's fraction is its share of the compute."""
+    position_weights: str | list = "uniform"
+    """Weights of the K targets of a patch: uniform (the paper), or a list of K
+    non-negative numbers, not all zero (normalised; e.g. a power law [1, 0.5, 0.33,
+    0.25]). Applies to every stage; a stage's own position_weights wins. Uniform is the
+    loss exactly as without weights."""
     reset_optimizer: bool = True
-    """Reset Adam's state at the patch->token switch (the paper does)."""
+    """Reset Adam's state (moments and step count) at every switch: patch -> patch and
+    patch -> token (the paper does, at its one switch). A stage's own key overrides it for
+    the switch at that stage's end."""
     rewarm: bool = True
-    """Give the token phase its own warmup and decay (the paper does); false = one LR curve
-    over the whole run."""
+    """Start a new LR curve (warmup, then decay to min_lr) at every switch (the paper
+    does); false = the curve runs on across the switch (false everywhere: one curve over
+    the whole run). A stage's own key overrides it for the switch at that stage's end."""
+
+    def resolved_stages(self) -> tuple[PatchStage, ...]:
+        """The patch stages in order (empty for token-only), with every default applied.
+        Assumes a validated section (config.validation checks these keys)."""
+        entries = self.stages
+        if entries is None:
+            entries = [{"size": self.size, "fraction": self.fraction}]
+            if self.size < 2 or self.fraction <= 0:
+                entries = []
+        out = []
+        for entry in entries:
+            weights = entry.get("position_weights", self.position_weights)
+            out.append(
+                PatchStage(
+                    size=int(entry["size"]),
+                    fraction=float(entry["fraction"]),
+                    position_weights=normalised_weights(weights),
+                    reset_optimizer=bool(entry.get("reset_optimizer", self.reset_optimizer)),
+                    rewarm=bool(entry.get("rewarm", self.rewarm)),
+                )
+            )
+        return tuple(out)
+
+
+def normalised_weights(weights: str | list) -> tuple[float, ...] | None:
+    """None for uniform weights (given as "uniform" or all equal), else the weights / sum."""
+    if isinstance(weights, str) or len(set(weights)) == 1:
+        return None  # all equal is the uniform loss: keep its exact, unweighted path
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +342,10 @@ class RunConfig:
         for name, cls in SECTIONS.items():
             section = getattr(self, name)
             for f in fields(cls):
-                if f.name in cls.IDENTITY:
+                optional = f.name in getattr(cls, "IDENTITY_IF_SET", ())
+                if optional and getattr(section, f.name) == f.default:
+                    continue
+                if f.name in cls.IDENTITY or optional:
                     out[f"{name}.{f.name}"] = _normalise_identity_value(
                         f"{name}.{f.name}", getattr(section, f.name)
                     )

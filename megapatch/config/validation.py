@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import difflib
 import math
+from fractions import Fraction
 from typing import Any
 
-from megapatch.config.sections import RunConfig
+from megapatch.config.sections import PatchSection, RunConfig
 from megapatch.config.yamlio import dump_scalar
 from megapatch.errors import ConfigError
 
@@ -33,7 +34,8 @@ class Checker:
         self.source = source
 
     def where(self, key: str) -> str:
-        return self.provenance.get(key) or self.source
+        # "patch.stages[1].size" was set by whatever set "patch.stages"
+        return self.provenance.get(key) or self.provenance.get(key.split("[")[0]) or self.source
 
     def fail(self, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{self.where(key)}: {key}={_fmt(value)}: expected {expected}")
@@ -161,6 +163,93 @@ def validate(cfg: RunConfig, check: Checker) -> None:
         check.fail("train.min_lr", t.min_lr, f"at most train.lr={t.lr}")
     if not t.resume.strip():
         check.fail("train.resume", t.resume, '"auto", "none" or a checkpoint path')
+    _validate_patch(cfg, check)
+
+
+_STAGE_KEYS = ("size", "fraction", "position_weights", "reset_optimizer", "rewarm")
+
+
+def _validate_patch(cfg: RunConfig, check: Checker) -> None:
+    """patch.stages, patch.position_weights and the one-form rule. The steps of each stage
+    (none may round to 0 or be as short as its warmup) are the scheduler's rule."""
+    p = cfg.patch
+    if p.stages is None:
+        size = p.size if p.size > 1 and p.fraction > 0 else None  # None: no patch stage
+        _check_weights("patch.position_weights", p.position_weights, size, check)
+        return
+    # loading resets the shorthand to its defaults when patch.stages is given (so a saved
+    # config reads back); a shorthand set away from them is refused unless patch.stages
+    # is a command-line override of a file's shorthand.
+    shorthand = [k for k in ("patch.size", "patch.fraction") if k in check.provenance]
+    stages_from = check.where("patch.stages")
+    if shorthand and not (
+        stages_from.startswith("override")
+        and not any(check.where(k).startswith("override") for k in shorthand)
+    ):
+        defaults = PatchSection()
+        given = [k for k in shorthand if getattr(p, k[6:]) != getattr(defaults, k[6:])]
+        if given:
+            raise ConfigError(
+                f"{stages_from}: patch.stages is given together with {' and '.join(given)} "
+                f"({', '.join(sorted({check.where(k) for k in given}))}): expected one form, "
+                "patch.stages or the one-stage shorthand patch.size + patch.fraction"
+            )
+    stages = p.stages
+    if not stages:
+        check.fail("patch.stages", stages, "a non-empty list of {size, fraction} (or null)")
+    total = 0.0
+    for i, entry in enumerate(stages):
+        key = f"patch.stages[{i}]"
+        if not isinstance(entry, dict):
+            check.fail(key, entry, "a mapping {size: K, fraction: f}")
+        for k in entry:
+            if k not in _STAGE_KEYS:
+                hint = difflib.get_close_matches(str(k), _STAGE_KEYS, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                check.fail(key, entry, f"only the keys {', '.join(_STAGE_KEYS)}{suggestion}")
+        size, fraction = entry.get("size"), entry.get("fraction")
+        if isinstance(size, float) and size.is_integer():
+            entry["size"] = size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            check.fail(f"{key}.size", size, "an integer K >= 2 (K=1 is the token phase)")
+        if isinstance(fraction, str):
+            try:
+                entry["fraction"] = fraction = float(Fraction(fraction.replace(" ", "")))
+            except (ValueError, ZeroDivisionError):
+                pass
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or fraction <= 0:
+            check.fail(f"{key}.fraction", fraction, "a number > 0 (a share of the run's steps)")
+        entry["fraction"] = float(fraction)
+        total += fraction
+        for flag in ("reset_optimizer", "rewarm"):
+            if flag in entry and not isinstance(entry[flag], bool):
+                check.fail(f"{key}.{flag}", entry[flag], "true or false")
+        weights = entry.get("position_weights", p.position_weights)
+        where = (
+            f"{key}.position_weights" if "position_weights" in entry else "patch.position_weights"
+        )
+        _check_weights(where, weights, size, check)
+    if total >= 1:
+        fractions = " + ".join(f"{e['fraction']:g}" for e in stages)
+        check.fail(
+            "patch.stages",
+            stages,
+            f"fractions summing to less than 1 (the rest is the token phase), not {fractions} = {total:g}",
+        )
+
+
+def _check_weights(key: str, weights: Any, size: int | None, check: Checker) -> None:
+    if isinstance(weights, str):
+        if weights != "uniform":
+            check.fail(key, weights, '"uniform" or a list of K non-negative numbers')
+        return
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    if not numbers or any(not math.isfinite(w) or w < 0 for w in weights):
+        check.fail(key, weights, '"uniform" or a list of non-negative numbers')
+    if size is not None and len(weights) != size:
+        check.fail(key, weights, f"{size} weights, one per target of a K={size} patch")
+    if not any(weights):
+        check.fail(key, weights, "at least one positive weight (they are normalised)")
 
 
 def parse_percent(value: str) -> float | None:

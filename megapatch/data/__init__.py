@@ -13,7 +13,12 @@ from megapatch.data.corpus import BlendedCorpus, Corpus, open_corpus
 from megapatch.data.hf_tokenizer import HFTokenizer
 from megapatch.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
 from megapatch.data.manifest import MANIFEST_NAME, read_manifest
-from megapatch.data.sampler import PhaseStream, WindowSampler, build_phase_streams
+from megapatch.data.sampler import (
+    PhaseStream,
+    WindowSampler,
+    build_phase_streams,
+    build_stage_streams,
+)
 from megapatch.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "MANIFEST_NAME",
     "PhaseStream",
     "build_phase_streams",
+    "build_stage_streams",
     "WindowSampler",
     "PrefetchLoader",
     "eval_windows",

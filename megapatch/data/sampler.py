@@ -31,7 +31,7 @@ from megapatch.logging_utils import get_logger
 log = get_logger("data")
 
 PHASES = ("patch", "token")
-_PHASE_CODE = {"patch": 1, "token": 2}
+_PHASE_CODE = {"patch": 1, "token": 2}  # patch1, patch2, ... (several stages): 3, 4, ...
 # A blend repeats one interleaving pattern of this many windows: weights resolve to 1/65536.
 _BLEND_PERIOD = 1 << 16
 _CACHED_PERMUTATIONS = 4
@@ -125,7 +125,8 @@ class PhaseStream:
         with self._lock:
             perm = self._permutations.get(key)
             if perm is None:
-                rng = np.random.default_rng([self.seed, _PHASE_CODE[self.name], source, epoch])
+                code = _PHASE_CODE.get(self.name) or 2 + int(self.name.removeprefix("patch"))
+                rng = np.random.default_rng([self.seed, code, source, epoch])
                 count = self.sources[source].count
                 dtype = np.int32 if count < 2**31 else np.int64  # half the memory for < 2^31
                 perm = rng.permutation(np.arange(count, dtype=dtype))
@@ -176,30 +177,50 @@ def build_phase_streams(
     """
     if not isinstance(total_tokens, (int, np.integer)) or total_tokens <= 0:
         raise ConfigError(f"total_tokens must be a positive integer, got {total_tokens!r}")
-    total_tokens = int(total_tokens)
     if not 0.0 <= patch_fraction <= 1.0:
         raise ConfigError(f"patch fraction must be in [0, 1], got {patch_fraction}")
-    if patch_size < 1 or seq_len < 1:
-        raise ConfigError(f"patch size and seq_len must be ≥ 1, got K={patch_size}, L={seq_len}")
+    patch_budget = round(patch_fraction * int(total_tokens))
+    phases = [("patch", patch_size, patch_budget), ("token", 1, int(total_tokens) - patch_budget)]
+    return build_stage_streams(corpus, phases=phases, seq_len=seq_len, seed=seed)
+
+
+def build_stage_streams(
+    corpus: Corpus | BlendedCorpus,
+    *,
+    phases: list[tuple[str, int, int]],
+    seq_len: int,
+    seed: int = 0,
+) -> dict[str, PhaseStream]:
+    """One stream per phase, from `phases` = [(name, K, budget tokens)] in training order.
+
+    Where the budget fits in a source, the phases read consecutive, disjoint ranges of its
+    share of the tokens in that order; where it does not (multi-epoch), every phase cycles
+    over the whole source. A phase with a budget of 0 gets a stream without windows.
+    """
+    total_tokens = sum(budget for _, _, budget in phases)
+    if total_tokens <= 0:
+        raise ConfigError(f"total_tokens must be a positive integer, got {total_tokens!r}")
+    if any(k < 1 for _, k, _ in phases) or seq_len < 1:
+        sizes = [k for _, k, _ in phases]
+        raise ConfigError(f"patch size and seq_len must be ≥ 1, got K={sizes}, L={seq_len}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"data seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
-    shapes = {  # window, stride
-        "patch": (patch_size * seq_len + patch_size, patch_size * seq_len),
-        "token": (seq_len + 1, seq_len),
-    }
-    patch_budget = round(patch_fraction * total_tokens)
-    budgets = {"patch": patch_budget, "token": total_tokens - patch_budget}
+    shapes = {name: (k * seq_len + k, k * seq_len) for name, k, _ in phases}  # window, stride
+    budgets = {name: budget for name, _, budget in phases}
     pairs = sources_of(corpus)
-    per_phase: dict[str, list[SourceWindows]] = {"patch": [], "token": []}
+    per_phase: dict[str, list[SourceWindows]] = {name: [] for name, _, _ in phases}
     for corpus_i, weight in pairs:
         share = round(weight * total_tokens)
         fits = share <= corpus_i.num_tokens
-        split = round(patch_fraction * share)
-        ranges = {
-            "patch": (0, split) if fits else (0, corpus_i.num_tokens),
-            "token": (split, share) if fits else (0, corpus_i.num_tokens),
-        }
+        ranges, done = {}, 0
+        for name, _, budget in phases:
+            # Each boundary is the rounded cumulative share, so the ranges tile [0, share).
+            end = round((done + budget) / total_tokens * share)
+            ranges[name] = (round(done / total_tokens * share), end)
+            done += budget
+            if not fits:
+                ranges[name] = (0, corpus_i.num_tokens)
         for phase, (window, stride) in shapes.items():
             lo, hi = ranges[phase]
             count = max(0, (hi - lo - (window - stride)) // stride) if budgets[phase] else 0
@@ -225,16 +246,16 @@ def build_phase_streams(
                 )
     weights = [w for _, w in pairs]
     return {
-        phase: PhaseStream(
-            phase,
-            window=shapes[phase][0],
-            stride=shapes[phase][1],
-            sources=per_phase[phase],
+        name: PhaseStream(
+            name,
+            window=shapes[name][0],
+            stride=shapes[name][1],
+            sources=per_phase[name],
             weights=weights,
             seed=seed,
-            budget_tokens=budgets[phase],
+            budget_tokens=budgets[name],
         )
-        for phase in PHASES
+        for name, _, _ in phases
     }
 
 

@@ -112,6 +112,7 @@ class GPT(nn.Module):
         patch_size: int = 1,
         *,
         kv_cache: KVCache | None = None,
+        position_weights=None,
     ) -> torch.Tensor:
         """input_ids [B, K·L]; targets [B, K·L] (the window shifted by K) or None.
 
@@ -120,6 +121,8 @@ class GPT(nn.Module):
         ordinary next-token logits [B, T, vocab_size]), gathered over TP and unpadded.
         With a `kv_cache` (inference, K=1, no targets): input_ids continue the cached
         positions, which they attend to; their keys and values are appended to the cache.
+        `position_weights` (with targets): the K targets' weights, a sequence or tensor [K]
+        (non-negative, normalised by the loss); None = uniform, the unweighted loss.
         """
         self._check_inputs(input_ids, targets, patch_size)
         B, T = input_ids.shape
@@ -147,7 +150,7 @@ class GPT(nn.Module):
 
         if targets is None:
             return self._logits(x)
-        return self._loss(x.reshape(B * L, -1), targets.reshape(B * L, K))
+        return self._loss(x.reshape(B * L, -1), targets.reshape(B * L, K), position_weights)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x)
@@ -155,13 +158,16 @@ class GPT(nn.Module):
         logits = gather_from_tensor_model_parallel_region(logits)  # [B, L, V_pad]
         return logits[..., : self.cfg.vocab_size]
 
-    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, weights=None) -> torch.Tensor:
         # hidden [N, D], targets [N, K]; the ops never build [N, V] logits (except the reference).
+        if weights is not None:  # [K]
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=hidden.device)
         if self.tp_size == 1:
             return patch_loss(
                 hidden,
                 self.output_weight,
                 targets,
+                position_weights=weights,
                 ignore_index=IGNORE_INDEX,
                 vocab_size=self.cfg.vocab_size,
                 backend=self.cfg.ops_backend,
@@ -173,6 +179,7 @@ class GPT(nn.Module):
             vocab_start=self.embed_tokens.vocab_start_index,
             vocab_size=self.cfg.vocab_size,
             group=get_tensor_model_parallel_group(),
+            position_weights=weights,
             ignore_index=IGNORE_INDEX,
             backend=self.cfg.ops_backend,
         )

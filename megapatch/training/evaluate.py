@@ -1,5 +1,6 @@
-"""Validation: token-level loss (the number that matters, in every phase) and, during the
-patch phase, the patch-level loss on the same held-out text."""
+"""Validation: token-level loss (the number that matters, in every phase) and, during a
+patch stage, that stage's patch-level loss (its K and target weights) on the same held-out
+text."""
 
 from __future__ import annotations
 
@@ -24,15 +25,18 @@ def windowed_loss(
     dp_rank: int = 0,
     dp_size: int = 1,
     dp_group=None,
+    position_weights=None,
 ) -> tuple[float, int]:
     """Mean loss over `windows` ([n, K·L+K] each) split across data-parallel ranks.
 
     Returns (mean loss per target token, number of target tokens). Every rank returns the
-    same numbers; tensor-parallel peers see the same windows.
+    same numbers; tensor-parallel peers see the same windows. `position_weights`: the
+    forward's (the K targets' weights; None = uniform).
     """
     windows = np.asarray(windows if isinstance(windows, np.ndarray) else list(windows))
     total = torch.zeros(2, dtype=torch.float64)  # [sum of losses, target tokens]
     k = patch_size
+    weighted = {} if position_weights is None else {"position_weights": position_weights}
     # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
     # a rank short of windows repeats one with all its targets ignored.
     per_rank = -(-len(windows) // dp_size)
@@ -46,7 +50,7 @@ def windowed_loss(
         n_pad = max(0, start + len(idx) - n_real)
         if n_pad:
             targets[len(idx) - n_pad :] = IGNORE_INDEX
-        loss = forward(batch[:, :-k], targets, patch_size=k)
+        loss = forward(batch[:, :-k], targets, patch_size=k, **weighted)
         n_targets = int((targets != IGNORE_INDEX).sum())
         total += torch.tensor([loss.double().item() * n_targets, n_targets], dtype=torch.float64)
     if dist.is_initialized() and dp_size > 1:
@@ -61,7 +65,8 @@ def perplexity(loss: float) -> float:
 
 class Validator:
     """What is evaluated, and when: token-level loss and perplexity on the validation
-    windows in every phase, and the patch-level loss too during a patch phase; every
+    windows in every phase, and the current stage's patch-level loss too (`val_patch_loss`,
+    with the stage's K and position weights) during a patch stage; every
     `eval.interval` steps and after the last step (`eval.at_end`)."""
 
     def __init__(
@@ -80,7 +85,7 @@ class Validator:
         engine.eval()
         try:
             for k, windows in sorted(self.windows.items()):
-                if k != 1 and phase.name != "patch":
+                if k not in (1, phase.patch_size):
                     continue
                 loss, _ = windowed_loss(
                     engine,
@@ -91,6 +96,7 @@ class Validator:
                     dp_rank=self.dp_rank,
                     dp_size=self.dp_size,
                     dp_group=self.dp_group,
+                    position_weights=None if k == 1 else phase.position_weights,
                 )
                 if k == 1:
                     out["val_loss"], out["val_ppl"] = loss, perplexity(loss)

@@ -222,13 +222,16 @@ class ProgressReport:
 
 class StepLog:
     """Decides which steps are written (every `logging.interval` steps, every evaluation,
-    every phase end) and shows progress."""
+    every phase end; the last step before each switch carries `"switch": true`) and shows
+    progress."""
 
     def __init__(self, writer: MetricsWriter, progress: ProgressReport, interval: int):
         self.writer, self.progress, self.interval = writer, progress, interval
 
     def step(self, record: dict[str, Any], *, at_phase_end: bool) -> None:
         step = record["step"]
+        if at_phase_end and record["phase"] != "token":  # only patch stages end in a switch
+            record["switch"] = True
         if step % self.interval == 0 or "val_loss" in record or at_phase_end:
             self.writer.write(record)
         self.progress.update(

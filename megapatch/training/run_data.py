@@ -10,7 +10,7 @@ from megapatch.config import RunConfig
 from megapatch.data import (
     PhaseStream,
     WindowSampler,
-    build_phase_streams,
+    build_stage_streams,
     eval_windows,
     open_corpus,
 )
@@ -23,14 +23,11 @@ def open_run_data(cfg: RunConfig):
 
 
 def phase_streams(cfg: RunConfig, plan, corpus) -> dict[str, PhaseStream]:
-    """One seeded stream per phase over disjoint tokens, each holding a global batch at least."""
-    patch_tokens = sum(p.tokens for p in plan.phases if p.name == "patch")
-    total = sum(p.tokens for p in plan.phases)
-    streams = build_phase_streams(
+    """One seeded stream per phase over disjoint tokens (each phase's tokens as the plan
+    reads them, in training order), each holding a global batch at least."""
+    streams = build_stage_streams(
         corpus,
-        total_tokens=total,
-        patch_fraction=patch_tokens / total,
-        patch_size=cfg.patch.size,
+        phases=[(p.name, p.patch_size, p.tokens) for p in plan.phases],
         seq_len=cfg.model.seq_len,
         seed=cfg.data.seed,
     )
@@ -47,9 +44,9 @@ def phase_streams(cfg: RunConfig, plan, corpus) -> dict[str, PhaseStream]:
 
 
 def validation_windows(cfg: RunConfig, plan, valid) -> dict[int, np.ndarray]:
-    """{K: windows} of the `valid` corpus: token-level (K=1) always, patch-level too if the
-    plan has a patch phase."""
-    sizes = [1] + [cfg.patch.size for p in plan.phases if p.name == "patch"]
+    """{K: windows} of the `valid` corpus: token-level (K=1) always, and each patch
+    stage's K."""
+    sizes = sorted({p.patch_size for p in plan.phases})
     windows = {
         k: eval_windows(valid, cfg.model.seq_len, max_windows=cfg.eval.max_windows, patch_size=k)
         for k in sizes

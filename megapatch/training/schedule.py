@@ -93,6 +93,8 @@ class Phase:
     dp_size: int
     lr_schedule: LRSchedule
     flops_per_step: float | None = None  # model FLOPs, all ranks; None until dims are known
+    position_weights: tuple[float, ...] | None = None  # normalised [K]; None = uniform
+    resets_optimizer: bool = False  # Adam's state is reset when this phase begins
 
     @property
     def tokens_per_sequence(self) -> int:
@@ -152,7 +154,12 @@ class StagePlan:
         source: str = "plan",
         provenance: dict | None = None,
         model_dims: ModelDims | None = None,
+        stages: list[dict] | None = None,
+        batching: str = "tokens",
     ):
+        """`stages`: [{size, fraction[, position_weights, reset_optimizer, rewarm]}], the
+        patch stages in order (the last two for the switch at the stage's end, defaulting
+        to `reset_optimizer` and `rewarm`); None = one stage of patch_size, patch_fraction."""
         self.inputs = dict(
             seq_len=seq_len,
             patch_size=patch_size,
@@ -170,6 +177,12 @@ class StagePlan:
             max_steps=max_steps,
             model_dims=model_dims,
         )
+        # Only when used, so a one-stage plan's inputs (and state_dict) are as before.
+        if stages is not None:
+            self.inputs["stages"] = [dict(st) for st in stages]
+        if batching != "tokens":
+            self.inputs["batching"] = batching
+        self.batching = batching
         self.source = source
         self._provenance = provenance or {}  # dotted key -> file or override that set it
         self.seq_len, self.patch_size, self.patch_fraction = seq_len, patch_size, patch_fraction
@@ -189,61 +202,118 @@ class StagePlan:
                 total_tokens,
                 f"at least train.tokens_per_step={tokens_per_step:,} (one step)",
             )
-        patch_steps = 0
-        if patch_size > 1 and patch_fraction > 0:
-            patch_steps = math.floor(patch_fraction * self.total_steps + 0.5)
-        token_steps = self.total_steps - patch_steps
+        # The patch stages, in order, each with its switch policy (for the switch at its end).
+        self.shorthand = stages is None
+        if stages is None:
+            stages = [] if patch_size < 2 or patch_fraction <= 0 else [{"size": patch_size}]
+            stages = [dict(s, fraction=patch_fraction) for s in stages]
+        defaults = dict(position_weights=None, reset_optimizer=reset_optimizer, rewarm=rewarm)
+        self.stages = [{**defaults, **dict(s)} for s in stages]
+        token_sequences = tokens_per_step // seq_len
+        stage_steps, first, cumulative = [], 0, 0.0
+        for i, stage in enumerate(self.stages):
+            # Cumulative rounding to the nearest step (halves up): the stages' steps sum to
+            # the rounded sum of their fractions.
+            cumulative += stage["fraction"]
+            steps = math.floor(cumulative * self.total_steps + 0.5) - first
+            if steps < 1 and self.shorthand:
+                break  # a shorthand lambda that rounds to no step: a token-only run
+            if steps < 1:
+                self._fail(
+                    f"patch.stages[{i}].fraction",
+                    stage["fraction"],
+                    f"a share that is at least one of the run's {self.total_steps:,} steps "
+                    "(it rounds to 0; raise it or train.total_tokens)",
+                )
+            stage_steps.append(steps)
+            first += steps
+        self.stages = self.stages[: len(stage_steps)]
+        token_steps = self.total_steps - first
         if token_steps < 1:
+            key = "patch.fraction" if self.shorthand else "patch.stages"
+            value = patch_fraction if self.shorthand else [s["fraction"] for s in self.stages]
             self._fail(
-                "patch.fraction",
-                patch_fraction,
+                key,
+                value,
                 f"a smaller share: it rounds all {self.total_steps:,} steps into the patch phase and "
                 "leaves none for the token phase (or raise train.total_tokens)",
             )
-        if patch_steps and tokens_per_step % (patch_size * seq_len):
-            self._fail(
-                "train.tokens_per_step",
-                tokens_per_step,
-                f"a multiple of model.seq_len x patch.size = {seq_len * patch_size:,} so both phases have whole sequences",
-            )
-
-        token_sequences = tokens_per_step // seq_len
-        self._check_token_batch(token_sequences, micro_batch_size)
-
-        def curve(name: str, first: int, steps: int) -> LRSchedule:
-            warmup = self._warmup_steps(warmup_steps, name, steps)
-            return LRSchedule(lr, min_lr, warmup, steps, first, lr_decay)
-
-        if not rewarm:
-            whole_run = curve("whole run (patch.rewarm=false)", 0, self.total_steps)
-
-        def schedule(first: int, steps: int, name: str) -> LRSchedule:
-            return curve(f"{name} phase", first, steps) if rewarm else whole_run
-
-        def phase(name: str, k: int, first: int, steps: int, sequences: int, micro: int) -> Phase:
-            accum = sequences // (dp_size * micro)
-            lr_curve = schedule(first, steps, name)
-            return Phase(name, k, seq_len, steps, first, sequences, micro, accum, dp_size, lr_curve)
-
-        phases = []
-        if patch_steps:
-            patch_sequences = token_sequences // patch_size
-            if patch_sequences % dp_size:
+        for i, stage in enumerate(self.stages):
+            key = "patch.size" if self.shorthand else f"patch.stages[{i}].size"
+            if batching == "tokens" and tokens_per_step % (stage["size"] * seq_len):
                 self._fail(
                     "train.tokens_per_step",
                     tokens_per_step,
-                    f"{patch_sequences:,} patch-phase sequences per step (tokens_per_step / (K x L)) "
-                    f"divisible by the data-parallel size {dp_size}",
+                    f"a multiple of model.seq_len x {key} = {seq_len * stage['size']:,} so "
+                    "every phase has whole sequences",
                 )
-            patch_micro = _largest_divisor_at_most(patch_sequences // dp_size, micro_batch_size)
-            phases.append(phase(PATCH, patch_size, 0, patch_steps, patch_sequences, patch_micro))
-        phases.append(phase(TOKEN, 1, patch_steps, token_steps, token_sequences, micro_batch_size))
+        self._check_token_batch(token_sequences, micro_batch_size)
+        phases, first = [], 0
+        for i, (stage, steps) in enumerate(zip(self.stages, stage_steps)):
+            name = PATCH if len(self.stages) == 1 else f"{PATCH}{i + 1}"
+            phases.append(self._patch_phase(i, name, stage, first, steps, token_sequences))
+            first += steps
+        phases.append(
+            Phase(TOKEN, 1, seq_len, token_steps, first, token_sequences, micro_batch_size,
+                  token_sequences // (dp_size * micro_batch_size), dp_size, None)
+        )  # fmt: skip
+        phases = self._with_lr_curves(phases, warmup_steps, lr, min_lr, lr_decay)
         self.phases: tuple[Phase, ...] = tuple(phases)
         self.flops: PlanFlops | None = None
         if model_dims is not None:
             self.flops = plan_flops(model_dims, self)
             per_step = [ph.per_step for ph in self.flops.phases]
             self.phases = tuple(replace(ph, flops_per_step=f) for ph, f in zip(phases, per_step))
+
+    def _patch_phase(
+        self, i: int, name: str, stage: dict, first: int, steps: int, token_sequences: int
+    ) -> Phase:
+        """Patch stage `i` with its batch shape (its LR curve comes later)."""
+        k, dp = stage["size"], self.dp_size
+        if self.batching == "sequences":  # the token phase's sequences, each K*L tokens
+            sequences, micro = token_sequences, self.inputs["micro_batch_size"]
+        else:
+            sequences = token_sequences // k
+            if sequences % dp:
+                self._fail(
+                    "train.tokens_per_step",
+                    self.tokens_per_step,
+                    f"{sequences:,} {name}-phase sequences per step (tokens_per_step / (K x L)) "
+                    f"divisible by the data-parallel size {dp}",
+                )
+            micro = _largest_divisor_at_most(sequences // dp, self.inputs["micro_batch_size"])
+        weights = stage["position_weights"]
+        return Phase(
+            name, k, self.seq_len, steps, first, sequences, micro, sequences // (dp * micro), dp,
+            None, position_weights=tuple(weights) if weights else None,
+        )  # fmt: skip
+
+    def _with_lr_curves(self, phases, warmup, lr, min_lr, decay) -> list[Phase]:
+        """Each phase's LR curve: a switch whose stage says rewarm starts a new curve
+        (warmup, decay to the floor at its last step); elsewhere the curve runs on."""
+        phases = [
+            replace(ph, resets_optimizer=bool(i and self.stages[i - 1]["reset_optimizer"]))
+            for i, ph in enumerate(phases)
+        ]
+        groups = [[phases[0]]]
+        for i, ph in enumerate(phases[1:]):
+            if self.stages[i]["rewarm"]:
+                groups.append([ph])
+            else:
+                groups[-1].append(ph)
+        out = []
+        for group in groups:
+            steps = sum(ph.steps for ph in group)
+            if len(group) == len(phases) and (len(phases) > 1 or not self.rewarm):
+                name = "whole run (patch.rewarm=false)"
+            elif len(group) == 1:
+                name = f"{group[0].name} phase"
+            else:
+                name = "+".join(ph.name for ph in group) + " phases (no rewarm between them)"
+            steps_warm = self._warmup_steps(warmup, name, steps)
+            curve = LRSchedule(lr, min_lr, steps_warm, steps, group[0].first_step, decay)
+            out += [replace(ph, lr_schedule=curve) for ph in group]
+        return out
 
     def _warmup_steps(self, warmup: int | str, curve: str, steps: int) -> int:
         """Warmup steps of an LR curve of `steps` steps: `warmup` itself, or a percentage
@@ -294,6 +364,9 @@ class StagePlan:
         if vocab_size is None and cfg.model.vocab_size != "auto":
             vocab_size = cfg.model.vocab_size
         dims = ModelDims.from_config(cfg, vocab_size) if vocab_size else None
+        stages = None  # the one-stage shorthand with uniform weights: the plan as before
+        if p.stages is not None or p.position_weights != "uniform":
+            stages = [asdict(st) for st in p.resolved_stages()]
         return cls(
             seq_len=cfg.model.seq_len,
             patch_size=p.size,
@@ -312,14 +385,35 @@ class StagePlan:
             source=cfg.source,
             provenance=cfg.provenance,
             model_dims=dims,
+            stages=stages,
+            batching=p.batching,
         )
 
     # ------------------------------------------------------------------ queries
 
     @property
     def total_tokens(self) -> int:
-        """Tokens the plan trains on: whole steps only."""
+        """The budget in whole steps: tokens read with patch.batching=tokens; with
+        sequences, token-step equivalents of compute (the tokens read are `tokens_read`)."""
         return self.total_steps * self.tokens_per_step
+
+    @property
+    def tokens_read(self) -> int:
+        return sum(ph.tokens for ph in self.phases)
+
+    @property
+    def switch_steps(self) -> list[int]:
+        """First global step of every phase after the first: every switch."""
+        return [ph.first_step for ph in self.phases[1:]]
+
+    @property
+    def simple_cost_ratio(self) -> float:
+        """The textbook cost with the configured fractions: sum of f/K (batching=tokens) or
+        of f (sequences) over the stages, plus the token share 1 - sum of f."""
+        per_stage = [
+            st["fraction"] / (st["size"] if self.batching == "tokens" else 1) for st in self.stages
+        ]
+        return sum(per_stage) + 1 - sum(st["fraction"] for st in self.stages)
 
     @property
     def steps_to_run(self) -> int:
@@ -355,8 +449,10 @@ class StagePlan:
         lambda to whole steps (the same up to the negligible patch averaging)."""
         if self.flops is not None:
             return self.flops.precise_ratio
-        lam = self.effective_patch_fraction
-        return lam / self.patch_size + 1 - lam
+        # Each step costs in proportion to its sequences (L positions each).
+        token = self.phases[-1].sequences_per_step
+        cost = sum(ph.steps * ph.sequences_per_step / token for ph in self.phases)
+        return cost / self.total_steps
 
     def flops_so_far(self, steps_done: int) -> float | None:
         """Model FLOPs of the first `steps_done` optimizer steps (None without dims)."""
@@ -367,7 +463,8 @@ class StagePlan:
 
     def tokens_after(self, steps_done: int) -> int:
         """Tokens consumed once `steps_done` optimizer steps are complete."""
-        return steps_done * self.tokens_per_step
+        done = [max(0, min(steps_done, ph.end_step) - ph.first_step) for ph in self.phases]
+        return sum(n * ph.tokens_per_step for n, ph in zip(done, self.phases))
 
     def state_dict(self) -> dict:
         """JSON-able: the inputs (enough to rebuild the plan) and the derived phases."""
@@ -408,29 +505,38 @@ class StagePlan:
             total = {
                 "phase": "total",
                 "steps": f"{self.total_steps:,}",
-                "tokens": f"{self.total_tokens:,}",
+                "tokens": f"{self.tokens_read:,}",
             }
-            total["tokens/step"] = f"{self.tokens_per_step:,}"
+            total["tokens/step"] = f"{self.tokens_per_step:,}" if self.batching == "tokens" else ""
             rows.append([total.get(name, "") for name, _ in _COLUMNS])
         lines = _format_table([name for name, _ in _COLUMNS], rows)
         lines.append("")
-        two_phases = len(self.phases) > 1
-        for ph in self.phases:
-            if ph.name == TOKEN and two_phases and not self.rewarm:
-                curve = f"continues the run's single curve ({ph.lr_schedule.describe()})"
+        for i, ph in enumerate(self.phases):
+            curve = ph.lr_schedule
+            if i and curve is self.phases[i - 1].lr_schedule:
+                whole = curve.start_step == 0 and curve.steps == self.total_steps
+                runs_on = (
+                    "the run's single curve" if whole else f"the {self.phases[i - 1].name} curve"
+                )
+                text = f"continues {runs_on} ({curve.describe()})"
             else:
-                curve = ph.lr_schedule.describe(rewarm=ph.name == TOKEN and two_phases)
-            lines.append(f"lr     {ph.name}: {curve}")
-        if two_phases:
-            patch, token = self.phases
-            optimizer = "optimizer state reset" if self.reset_optimizer else "optimizer state kept"
+                text = curve.describe(rewarm=i > 0)
+            lines.append(f"lr     {ph.name}: {text}")
+        for before, ph in zip(self.phases, self.phases[1:]):
+            optimizer = "optimizer state reset" if ph.resets_optimizer else "optimizer state kept"
             lines.append(
-                f"switch at step {self.switch_step:,}: K {patch.patch_size} -> 1, window "
-                f"{patch.window:,} -> {token.window:,} tokens, micro x accum "
-                f"{patch.micro_batch_size} x {patch.grad_accum} -> "
-                f"{token.micro_batch_size} x {token.grad_accum}, {optimizer}"
+                f"switch at step {ph.first_step:,}: K {before.patch_size} -> {ph.patch_size}, window "
+                f"{before.window:,} -> {ph.window:,} tokens, micro x accum "
+                f"{before.micro_batch_size} x {before.grad_accum} -> "
+                f"{ph.micro_batch_size} x {ph.grad_accum}, {optimizer}"
             )
-        elif self.patch_size == 1:
+        for ph in self.phases:
+            if ph.position_weights:
+                weights = ", ".join(f"{w:.3g}" for w in ph.position_weights)
+                lines.append(
+                    f"targets {ph.name}: the K={ph.patch_size} positions weighted {weights}"
+                )
+        if len(self.phases) == 1 and self.patch_size == 1:
             lines.append("patch.size=1: a single token phase (ordinary next-token training)")
         if self.steps_to_run < self.total_steps:
             lines.append(

@@ -5,8 +5,8 @@ shapes, LR) to `schedule`, data to `run_data`, when and what to evaluate to
 `evaluate.Validator`, when to log to `metrics.StepLog`, when to save and what a failed
 save means to `checkpoint.policy.SavePolicy`, which checkpoint to continue to
 `checkpoint.resume`, the DeepSpeed side to `engine`. This file wires them together and
-owns the one thing nobody else can: the switch between phases (new batch shape and
-window, optimizer reset, K).
+owns the one thing nobody else can: the switch at every phase boundary (new batch shape
+and window, the optimizer reset the plan asks for, K and the target weights).
 """
 
 from __future__ import annotations
@@ -170,13 +170,9 @@ class Trainer:
         """Shape the engine and data for phase `index`; returns the micro-batch iterator."""
         phase = self.plan.phases[index]
         engine_ops.shape_engine(self.engine, phase, self.dp_size)
-        if switching and self.cfg.patch.reset_optimizer:
+        if switching and phase.resets_optimizer:  # the switch policy of the stage before
             cleared = engine_ops.reset_optimizer_state(self.engine)
-            log.info(
-                "switch to %s phase: optimizer state reset (%d tensors cleared)",
-                phase.name,
-                cleared,
-            )
+            log.info("switch to %s phase: optimizer state reset (%d cleared)", phase.name, cleared)
         log.info(
             "%s phase: %d steps, window %d tokens, K=%d, micro-batch %d x accumulation %d x DP %d",
             phase.name,
@@ -207,7 +203,7 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, phase, batches) -> tuple[float, bool, float | None]:
-        engine, k = self.engine, phase.patch_size
+        engine, k, weights = self.engine, phase.patch_size, phase.position_weights
         engine_ops.set_lr(engine, self.plan.lr(self.progress.global_step))
         losses = []
         self.step_crc = 0 if faults.record_data_crc() else None
@@ -216,7 +212,7 @@ class Trainer:
             if self.step_crc is not None:
                 self.step_crc = zlib.crc32(batch.cpu().numpy().tobytes(), self.step_crc)
             engine.set_gradient_accumulation_boundary(micro == phase.grad_accum - 1)
-            loss = engine(batch[:, :-k], batch[:, k:], patch_size=k)
+            loss = engine(batch[:, :-k], batch[:, k:], patch_size=k, position_weights=weights)
             if faults.nan_at(self.progress.global_step):
                 loss = loss * float("nan")
             losses.append(loss.detach().float())
@@ -297,8 +293,8 @@ class Trainer:
                 p.phase_index, p.step_in_phase = p.phase_index + 1, 0
                 previous_phase = phase
                 continue
-            switching = previous_phase is not None and previous_phase.name == "patch"
-            batches = self.enter_phase(p.phase_index, switching=switching and p.step_in_phase == 0)
+            switching = previous_phase is not None and p.step_in_phase == 0  # every boundary
+            batches = self.enter_phase(p.phase_index, switching=switching)
             while p.step_in_phase < phase.steps:
                 if max_steps is not None and p.global_step >= max_steps:
                     self.save("max_steps", final=True)
