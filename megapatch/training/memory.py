@@ -18,8 +18,9 @@ real engine on CPU). N is this rank's parameter count, a the bytes of the model 
                        2*DP: params a*A; master and Adam partitioned, 4*A/DP and 8*A/DP,
                        in fp32 even for fp32 runs (the master is then a second fp32 copy);
                        after backward the gradients of the parameters overlapping this
-                       rank's partition (whole parameters, model dtype). Stage 1 and 2 hold
-                       the same here (contiguous_gradients, no overlap on CPU).
+                       rank's partition (whole parameters, model dtype) and of the
+                       padding in it. Stages 1 and 2 hold the same tensors here
+                       (contiguous_gradients).
     ZeRO-3             each parameter split into ceil(n/DP) per rank: params, master, Adam
                        and a flat gradient partition all partitioned; parameters of at most
                        stage3_param_persistence_threshold elements (norms) also stay whole
@@ -220,15 +221,16 @@ def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _grads_overlapping(sizes: list[int], partition: int, rank: int) -> int:
-    """Elements of the whole parameters that overlap rank's slice of a flat group (ZeRO-1/2
-    copies those gradients into one buffer, `grads_in_partition`)."""
+def _partition_gradients(sizes: list[int], partition: int, rank: int) -> int:
+    """Gradient elements ZeRO-1/2 holds after backward for rank's slice of a flat group:
+    the whole parameters overlapping it (copied into one buffer, `grads_in_partition`) and
+    a zero tensor for the alignment padding that falls in the slice."""
     lo, hi, start, total = rank * partition, (rank + 1) * partition, 0, 0
     for n in sizes:
         if start < hi and start + n > lo:
             total += n
         start += n
-    return total
+    return total + max(0, hi - max(lo, start))
 
 
 def model_state_bytes(
@@ -256,7 +258,7 @@ def model_state_bytes(
             params=a * sum(aligned),
             master=4 * sum(parts),
             adam=8 * sum(parts) + 4 * len(groups) + 4,  # + the fp32 global grad norm
-            gradients=a * sum(_grads_overlapping(g, p, dp_rank) for g, p in zip(groups, parts)),
+            gradients=a * sum(_partition_gradients(g, p, dp_rank) for g, p in zip(groups, parts)),
             # the fp32 gradient of the group being stepped (flattened, cast), while the
             # backward's gradients are still held
             step_buffers=4 * max(parts),

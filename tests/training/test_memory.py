@@ -82,7 +82,7 @@ def _storages(engine, base) -> int:
     return sum(seen.values())
 
 
-def _held_bytes(rank, world_size, tp, cases):
+def _held_bytes(rank, world_size, tp, cases, model_fields):
     """{(stage, precision): bytes held after backward, at the optimizer step (the most of
     its per-group calls) and after the step}, on the second of two steps."""
     import deepspeed
@@ -96,7 +96,7 @@ def _held_bytes(rank, world_size, tp, cases):
     out = {}
     w = torch.randint(0, 250, (2, 2 * 8 + 2), generator=torch.Generator().manual_seed(rank))
     for stage, precision in cases:
-        model = GPT(tiny_gpt_config(ops_backend="torch"), seed=0)
+        model = GPT(tiny_gpt_config(ops_backend="torch", **model_fields), seed=0)
         config = deepspeed_config(
             micro_batch_size=2,
             grad_accum=1,
@@ -130,9 +130,14 @@ def _held_bytes(rank, world_size, tp, cases):
     return out
 
 
-LAYOUTS = {  # (TP, cases): ZeRO-3 with TP > 1 is refused by the config today
-    1: [(s, p) for s in (0, 1, 2, 3) for p in ("fp32", "bf16", "fp16")],
-    2: [(s, p) for s in (0, 1, 2) for p in ("fp32", "bf16")],
+LAYOUTS = {  # TP: (cases, model); ZeRO-3 with TP > 1 is refused by the config today
+    # One 34-wide head: the 5 x 34 norm weights pad to 172 for 2 x DP=2 and the partition
+    # boundary cuts a norm weight, so padding and straddling parameters are both counted.
+    1: (
+        [(s, p) for s in (0, 1, 2, 3) for p in ("fp32", "bf16", "fp16")],
+        dict(d_model=34, n_heads=1, n_kv_heads=1),
+    ),
+    2: ([(s, p) for s in (0, 1, 2) for p in ("fp32", "bf16")], {}),
 }
 
 
@@ -142,9 +147,9 @@ LAYOUTS = {  # (TP, cases): ZeRO-3 with TP > 1 is refused by the config today
 @pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
 def test_model_state_is_what_deepspeed_allocates(tp):
     world = 2
-    cfg = tiny_gpt_config(ops_backend="torch")
-    groups = parameter_groups(tiny_dims(cfg, tp), tp=tp)
-    held = run_distributed(_held_bytes, world, tp, LAYOUTS[tp], reuse_workers=True)
+    cases, model_fields = LAYOUTS[tp]
+    groups = parameter_groups(tiny_dims(tiny_gpt_config(**model_fields), tp), tp=tp)
+    held = run_distributed(_held_bytes, world, tp, cases, model_fields, reuse_workers=True)
     for rank, per_case in enumerate(held):
         dp_rank = rank // tp  # TP ranks adjacent
         for (stage, precision), (after_backward, at_step, after_step) in per_case.items():
