@@ -1,11 +1,15 @@
 """Continued pretraining from a Hugging Face model with its own tokenizer (docs/data.md):
-prep with `--tokenizer HF_DIR`, train `init.from_hf=HF_DIR` through the patch phase and the
+prep a Parquet corpus with `--tokenizer HF_DIR`, train `init.from_hf=HF_DIR` through the patch phase and the
 token phase, export back: the export carries the same tokenizer files, AutoTokenizer gives
 the ids prep wrote, and transformers computes megapatch's logits."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,12 +17,15 @@ import torch
 from megapatch.checkpoint.full_weights import build_model, read_checkpoint
 from megapatch.data import load_tokenizer, open_corpus
 from megapatch.data.hf_tokenizer import train_bpe
+from tests.data.helpers import synthetic_text
 from tests.export.conftest import train
 from tests.fixtures import run_cli, train_records
 
 pytestmark = pytest.mark.slow
 
 transformers = pytest.importorskip("transformers")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -46,8 +53,11 @@ def hf_model(tiny_corpus_texts, tmp_path_factory):
 def continued(hf_model, tiny_corpus_texts, tmp_path_factory):
     root = tmp_path_factory.mktemp("cpt")
     data, run, export = root / "data", root / "run", root / "export"
-    code = run_cli("prep", tiny_corpus_texts, "--tokenizer", hf_model, "--valid-fraction", "0.1",
-                   "--workers", "1", "--no-progress", "--out", data)  # fmt: skip
+    # The corpus as a Parquet file (one document a row), as Hub datasets ship.
+    texts = [p.read_text() for p in sorted(tiny_corpus_texts.iterdir())]
+    pq.write_table(pa.table({"body": texts}), root / "corpus.parquet", row_group_size=5)
+    code = run_cli("prep", root / "corpus.parquet", "--text-key", "body", "--tokenizer", hf_model,
+                   "--valid-fraction", "0.1", "--workers", "2", "--no-progress", "--out", data)  # fmt: skip
     assert code == 0
     train(data, run, f"init.from_hf={hf_model}", nproc=1)
     assert run_cli("export", run, "--out", export) == 0
@@ -90,3 +100,41 @@ def test_generate_decodes_with_the_runs_tokenizer(continued, capsys):
     capsys.readouterr()
     assert run_cli("generate", run, "--prompt", "the", "--max-new-tokens", "5") == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_lm_eval_evaluates_the_export(continued, tmp_path):
+    """`lm_eval --model hf` on the export, offline, with a local task file."""
+    pytest.importorskip("lm_eval")
+    _, _, export = continued
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"text": synthetic_text(900 + i, 40)}) + "\n" for i in range(3))
+    )
+    (tmp_path / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    out = tmp_path / "results"
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained={export},dtype=float32", "--tasks", "tiny_ppl",
+        "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
+        "--output_path", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = out.rglob("results_*.json")
+    ppl = json.loads(result.read_text())["results"]["tiny_ppl"]["word_perplexity,none"]
+    assert math.isfinite(ppl) and ppl > 1
