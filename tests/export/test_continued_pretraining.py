@@ -21,7 +21,8 @@ from tests.data.helpers import synthetic_text
 from tests.export.conftest import train
 from tests.fixtures import run_cli, train_records
 
-pytestmark = pytest.mark.slow
+# One training run for the module: its tests stay on one xdist worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("continued-pretraining")]
 
 transformers = pytest.importorskip("transformers")
 pa = pytest.importorskip("pyarrow")
