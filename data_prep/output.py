@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,23 @@ class SplitWriter:
         if self.current is not None:
             self.current.abort()
             self.current = None
+
+
+@contextmanager
+def split_writers(directory: Path, dtype: np.dtype, shard_tokens: int):
+    """{"train": SplitWriter, "valid": SplitWriter}; on an error every open shard is closed
+    unfinished (the caller removes the staging directory)."""
+    writers = {s: SplitWriter(directory, s, dtype, shard_tokens) for s in ("train", "valid")}
+    try:
+        yield writers
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+def close_all(writers: dict[str, SplitWriter]) -> dict[str, list[dict]]:
+    return {s: w.close() for s, w in writers.items()}
 
 
 def commit_staging(staging: Path, out: Path, replace: list[Path]) -> None:

@@ -21,7 +21,7 @@ import megapatch
 from data_prep import megatron
 from data_prep.encode import ChunkEncoder, EncodeOptions
 from data_prep.megatron import open_megatron
-from data_prep.output import SplitWriter, _is_valid, commit_staging
+from data_prep.output import _is_valid, close_all, commit_staging, split_writers
 from data_prep.sample import fetch_sample, get_sample
 from data_prep.sources import InputFile, read_chunks, resolve_inputs, sample_documents
 from data_prep.train_tokenizer import train_tokenizer
@@ -288,18 +288,11 @@ def _convert_into(staging: Path, config: PrepConfig, identity: dict) -> PrepResu
     tokenizer.save(staging)
     shards = [open_megatron(p) for p in config.from_megatron]
     megatron.check_ids(shards, tokenizer, config.progress)
-    writers = {
-        s: SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens) for s in ("train", "valid")
-    }
-    try:
+    with split_writers(staging, tokenizer.dtype, config.shard_tokens) as writers:
         num_docs, zero_copy = megatron.convert(
             shards, writers, tokenizer, config.valid_fraction, config.progress
         )
-        written = {s: w.close() for s, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+        written = close_all(writers)
     if num_docs == 0:
         raise DataError(f"no documents in {', '.join(config.from_megatron)}")
     sources = [{"path": s.prefix, "bytes": s.num_bytes} for s in shards]
@@ -315,20 +308,17 @@ def _tokenize(
     staging: Path, config: PrepConfig, files: list[InputFile], tokenizer: Tokenizer
 ) -> tuple[dict[str, list[dict]], dict[str, int], int, int]:
     """Tokenize every input into the split writers: (shards, skipped, documents, bytes)."""
-    writers = {
-        s: SplitWriter(staging, s, tokenizer.dtype, config.shard_tokens) for s in ("train", "valid")
-    }
     options = EncodeOptions(config.text_key, config.strict, config.utf8_errors)
     skipped: dict[str, int] = {}
     doc_index = 0  # documents started so far
-    writer = writers["train"]
     tokens_done, input_bytes, started = 0, 0, time.perf_counter()
     total = None if any(f.compressed for f in files) else sum(f.size for f in files)
     # Text files are cut between words; where pieces may span words, only at cuts the
     # tokenizer itself encodes the same apart as together.
     cut_ok = None if tokenizer.words_are_independent else tokenizer.cut_is_exact
     chunks = read_chunks(files, config.chunk_bytes, config.text_key, cut_ok)
-    try:
+    with split_writers(staging, tokenizer.dtype, config.shard_tokens) as writers:
+        writer = writers["train"]
         with ChunkEncoder(config.workers, tokenizer, files, options) as encoder, tqdm(
             total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
             disable=not config.progress, dynamic_ncols=True,
@@ -353,11 +343,7 @@ def _tokenize(
                 rate = tokens_done / max(1e-9, time.perf_counter() - started)
                 bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
                 bar.update(result.nbytes)
-        shards = {s: w.close() for s, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+        shards = close_all(writers)
     return shards, skipped, doc_index, input_bytes
 
 
