@@ -177,7 +177,10 @@ def _identity(config: PrepConfig, files: list[InputFile] | None) -> dict:
     """The prep arguments that decide the output (recorded in the manifest)."""
     tokenizer = None
     if config.tokenizer:
-        tokenizer = {"sha256": load_tokenizer(config.tokenizer).sha256}
+        tok = load_tokenizer(config.tokenizer)
+        tokenizer = {"sha256": tok.sha256}
+        if tok.kind != "sentencepiece":  # its EOS may come from a config file beside it
+            tokenizer["eos_id"] = tok.eos_id
     if config.from_megatron:
         shards = [open_megatron(p) for p in config.from_megatron]
         return {

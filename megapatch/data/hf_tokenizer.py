@@ -143,13 +143,13 @@ class HFTokenizer(Tokenizer):
         """The library's own encoding (the reference for `encode_batch`)."""
         # Set here, not at import: the tokenizers library reads it at each call.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        encodings = _encode_batch(self._tok, texts)
         return [np.array(e.ids, dtype=self.dtype) for e in encodings]
 
     def _encode_words(self, words: list[str]) -> list[bytes]:
         # The byte-level forms of new words through the BPE model alone, in one batch.
         mapped = list(map(self._splitter.byte_level, words))
-        encodings = self._splitter.model_only.encode_batch_fast(mapped, add_special_tokens=False)
+        encodings = _encode_batch(self._splitter.model_only, mapped)
         return [np.array(e.ids, dtype=self.dtype).tobytes() for e in encodings]
 
     def decode(self, ids) -> str:
@@ -283,6 +283,12 @@ class WordSplitter:
         theirs = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(text)}
         # a boundary belongs to the probe it ends (the text's end to the last)
         return [items[i] for i in sorted({owner[pos - 1] for pos in ours ^ theirs})]
+
+
+def _encode_batch(backend, texts: list[str]):
+    # encode_batch_fast (tokenizers >= 0.20) skips the offsets; the ids are the same
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return encode(texts, add_special_tokens=False)
 
 
 def _is_byte_level(step: dict, use_regex: bool) -> bool:
