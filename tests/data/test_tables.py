@@ -94,6 +94,9 @@ def test_arrow_files_and_datasets_directories(tmp_path):
     ds.save_to_disk(str(tmp_path / "hfds"), num_shards=3)
     _prep(tmp_path / "d", [tmp_path / "hfds"], text_key="body")
     assert _documents(tmp_path / "d") == texts
+    _prep(tmp_path / "d2", [tmp_path / "hfds"], text_key="body", workers=2, chunk_bytes=300)
+    read = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
+    assert read(tmp_path / "d2") == read(tmp_path / "d")  # the same bytes for any workers
     sources = [s["path"] for s in read_manifest(tmp_path / "d")["sources"]]
     assert [p.rsplit("/", 1)[1] for p in sources] == [
         f"data-0000{i}-of-00003.arrow" for i in range(3)
