@@ -285,7 +285,7 @@ def table_units(index: int, f: InputFile, text_key: str) -> Iterator[Unit]:
             problem, values = "", None
             if column is None:
                 problem = f"no column {text_key!r} (columns: {', '.join(names) or 'none'})"
-            elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            elif _is_string(pa, column.type):
                 # as binary: each value's bytes, decoded (and checked) by the workers
                 values = column.cast(pa.large_binary()).to_pylist()
             else:
@@ -328,6 +328,15 @@ def _text_columns(f: InputFile, text_key: str):
             for start in range(0, batch.num_rows, TABLE_BATCH_ROWS):
                 part = column.slice(start, TABLE_BATCH_ROWS) if column is not None else None
                 yield min(TABLE_BATCH_ROWS, batch.num_rows - start), part, names
+
+
+def _is_string(pa, kind) -> bool:
+    is_view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or bool(is_view and is_view(kind))
+    )
 
 
 def _pyarrow():

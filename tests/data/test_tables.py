@@ -83,8 +83,9 @@ def test_arrow_files_and_datasets_directories(tmp_path):
     table = pa.table({"text": texts})
     with pa.ipc.new_file(tmp_path / "file.arrow", table.schema) as w:  # IPC file format
         w.write_table(table, max_chunksize=4)
-    with pa.ipc.new_stream(tmp_path / "stream.arrow", table.schema) as w:  # stream format
-        w.write_table(table, max_chunksize=9)
+    views = pa.table({"text": pa.array(texts).cast(pa.string_view())})  # as polars writes
+    with pa.ipc.new_stream(tmp_path / "stream.arrow", views.schema) as w:  # stream format
+        w.write_table(views, max_chunksize=9)
     _prep(tmp_path / "f", [tmp_path / "file.arrow"])
     _prep(tmp_path / "s", [tmp_path / "stream.arrow"])
     assert _documents(tmp_path / "f") == _documents(tmp_path / "s") == texts
