@@ -12,21 +12,24 @@ special tokens: prep adds EOS itself and no BOS, as for sentencepiece models.
 
 The word cache, where it is exact: the library's own pre-tokenizer (a regex over the text)
 costs most of the time, about 1-2 MB/s on one core. For the common byte-level BPE layout
-(no normalizer; GPT-2's ByteLevel regex, or a Split regex before a regex-free ByteLevel,
-as in Llama 3) the `regex` package splits the text with the tokenizer's own pattern, each
+(no normalizer or NFC, as GPT-NeoX and Qwen have; GPT-2's ByteLevel regex, or a Split
+regex before a regex-free ByteLevel, as in Llama 3) the `regex` package splits the text with the tokenizer's own pattern, each
 distinct word goes through the tokenizer's BPE model once (`model.tokenize` of its
 byte-level form) and is cached: the same ids, several times faster. Exactness rests on the
 two regex engines classifying characters alike: at load every letter, digit and space of
 the Unicode tables is pre-tokenized by both in a few contexts, and a text holding a
 character they disagree on (one newer than the library's Unicode tables), or the text of
-an added token, takes the library's path.
+an added token, takes the library's path; with NFC, so does a character Python's own
+Unicode tables do not know.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import unicodedata
 from itertools import chain
 from pathlib import Path
 
@@ -187,10 +190,11 @@ class HFTokenizer(Tokenizer):
 class WordSplitter:
     """The tokenizer's pre-tokenization redone with the `regex` package (module docstring)."""
 
-    def __init__(self, pattern: str, backend, added: list[str], model_only):
+    def __init__(self, pattern: str, backend, added: list[str], model_only, nfc: bool):
         import regex
 
         self.model_only = model_only
+        self.nfc = nfc  # the tokenizer's normalizer is NFC: applied here with unicodedata
         self.pattern = regex.compile(pattern)
         # Added tokens are matched in the raw text: a text holding one goes to the library.
         # Checked with plain substring search (a regex alternation of hundreds of them, or a
@@ -207,6 +211,8 @@ class WordSplitter:
         if key not in _DISAGREEMENTS:  # once per process and pre-tokenizer
             _DISAGREEMENTS[key] = self._disagreements(backend)
         self._unsafe = _DISAGREEMENTS[key]
+        if nfc:  # normalization is stable only for characters both Unicode versions know
+            self._unsafe = self._unsafe | _unknown_to_python()
 
     @classmethod
     def of(cls, backend, spec: dict) -> WordSplitter | None:
@@ -216,7 +222,10 @@ class WordSplitter:
         except ImportError:
             return None
         model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-        if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+        normalizer = spec.get("normalizer")
+        if normalizer not in (None, {"type": "NFC"}):
+            return None
+        if model.get("type") != "BPE" or model.get("dropout"):
             return None
         steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
         pattern = None
@@ -239,20 +248,25 @@ class WordSplitter:
         bare |= {"added_tokens": [], "truncation": None, "padding": None}
         model_only = _tokenizers().Tokenizer.from_str(json.dumps(spec | bare))
         try:
-            return cls(pattern, backend, added, model_only)
+            return cls(pattern, backend, added, model_only, nfc=normalizer is not None)
         except Exception:  # a pattern the `regex` package reads otherwise: no fast path
             return None
 
     def words(self, text: str) -> list[str] | None:
         """The pre-tokenized words of `text`, or None where only the library is exact."""
-        if any(p in text for p in self._added_starts) and any(t in text for t in self._added):
+        if self._has_added(text) or not self._unsafe.isdisjoint(text):
             return None
-        if not self._unsafe.isdisjoint(text):
-            return None
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+            if self._has_added(text):
+                return None
         words = self.pattern.findall(text)
         if sum(map(len, words)) != len(text):  # text the pattern leaves out: not supported
             return None
         return words
+
+    def _has_added(self, text: str) -> bool:
+        return any(p in text for p in self._added_starts) and any(t in text for t in self._added)
 
     def byte_level(self, word: str) -> str:
         return word.encode("utf-8").decode("latin-1").translate(self._byte_table)
@@ -283,6 +297,16 @@ class WordSplitter:
         theirs = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(text)}
         # a boundary belongs to the probe it ends (the text's end to the last)
         return [items[i] for i in sorted({owner[pos - 1] for pos in ours ^ theirs})]
+
+
+@functools.cache
+def _unknown_to_python() -> frozenset[str]:
+    """Characters assigned in the `regex` package's Unicode tables but not in Python's."""
+    import regex
+
+    everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
+    assigned = regex.findall(r"\p{Assigned}", everything)
+    return frozenset(c for c in assigned if unicodedata.category(c) == "Cn")
 
 
 def _encode_batch(backend, texts: list[str]):

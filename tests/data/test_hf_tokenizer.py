@@ -189,6 +189,14 @@ LLAMA3_PATTERN = (
 
 
 @pytest.fixture(scope="module")
+def nfc_bpe(bpe) -> HFTokenizer:
+    """GPT-NeoX's layout: an NFC normalizer before GPT-2's byte-level pre-tokenizer."""
+    tok = tokenizers.Tokenizer.from_str(bpe.backend.to_str())
+    tok.normalizer = tokenizers.normalizers.NFC()
+    return HFTokenizer({"tokenizer.json": tok.to_str().encode()})
+
+
+@pytest.fixture(scope="module")
 def split_bpe() -> HFTokenizer:
     """A byte-level BPE with Llama 3's layout: a Split regex, then ByteLevel without one."""
     pre = tokenizers.pre_tokenizers
@@ -211,6 +219,7 @@ UNICODE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size
 SPACEY = st.text(alphabet=" \n\r\t\x0b\x1c\u00a0\u3000ab1.'sé東🙂", max_size=60)
 WORDY = st.lists(
     st.sampled_from(["the", " cat", "'s", "'LL", "12345", "  ", "\n\n", "\r\n", "<|endoftext|>",
+                     "e\u0301", "\u212b", "\u1100\u1161", "\ufb01", "\u0958",
                      "<|end_of_text|>", "NOT SPECIAL", "\U0002ebf0", "Ꟑ", "ǅ", "𝟘", "⅔", "٣"]),
     max_size=30,
 ).map("".join)  # fmt: skip
@@ -218,8 +227,8 @@ WORDY = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.one_of(UNICODE, SPACEY, WORDY))
-def test_the_word_cache_gives_the_librarys_ids(bpe, split_bpe, text):
-    for tok in (bpe, split_bpe):
+def test_the_word_cache_gives_the_librarys_ids(bpe, split_bpe, nfc_bpe, text):
+    for tok in (bpe, split_bpe, nfc_bpe):
         assert tok._splitter is not None  # the fast path is on for both layouts
         ours = tok.encode_batch([text, text])  # the second one from a warm cache
         theirs = tok.encode_plain_batch([text])[0].tolist()
@@ -228,8 +237,8 @@ def test_the_word_cache_gives_the_librarys_ids(bpe, split_bpe, text):
 
 def test_other_layouts_take_the_librarys_path(bpe):
     tok = tokenizers.Tokenizer.from_str(bpe.backend.to_str())
-    tok.normalizer = tokenizers.normalizers.NFC()
-    nfc = HFTokenizer({"tokenizer.json": tok.to_str().encode()})
-    assert nfc._splitter is None
-    text = "cafe\u0301 " + synthetic_text(3, 100)
-    assert nfc.encode(text).tolist() == nfc.backend.encode(text, add_special_tokens=False).ids
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    lower = HFTokenizer({"tokenizer.json": tok.to_str().encode()})
+    assert lower._splitter is None
+    text = "Cafe\u0301 " + synthetic_text(3, 100)
+    assert lower.encode(text).tolist() == lower.backend.encode(text, add_special_tokens=False).ids
