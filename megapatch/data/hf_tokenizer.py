@@ -25,7 +25,6 @@ Unicode tables do not know.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -211,8 +210,8 @@ class WordSplitter:
         if key not in _DISAGREEMENTS:  # once per process and pre-tokenizer
             _DISAGREEMENTS[key] = self._disagreements(backend)
         self._unsafe = _DISAGREEMENTS[key]
-        if nfc:  # normalization is stable only for characters both Unicode versions know
-            self._unsafe = self._unsafe | _unknown_to_python()
+        if nfc:
+            self._unsafe = self._unsafe | _nfc_disagreements(backend)
 
     @classmethod
     def of(cls, backend, spec: dict) -> WordSplitter | None:
@@ -299,14 +298,25 @@ class WordSplitter:
         return [items[i] for i in sorted({owner[pos - 1] for pos in ours ^ theirs})]
 
 
-@functools.cache
-def _unknown_to_python() -> frozenset[str]:
-    """Characters assigned in the `regex` package's Unicode tables but not in Python's."""
-    import regex
+def _nfc_disagreements(backend) -> frozenset[str]:
+    """Characters Python's NFC may treat otherwise than the tokenizer's: those Python's
+    Unicode tables do not know (assigned in the `regex` package's), and those with a
+    canonical decomposition that the two normalize differently, alone or decomposed."""
+    if "nfc" not in _DISAGREEMENTS:  # once per process
+        import regex
 
-    everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
-    assigned = regex.findall(r"\p{Assigned}", everything)
-    return frozenset(c for c in assigned if unicodedata.category(c) == "Cn")
+        everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
+        assigned = regex.findall(r"\p{Assigned}", everything)
+        bad = {c for c in assigned if unicodedata.category(c) == "Cn"}
+        decomposable = [c for c in assigned if c not in bad and unicodedata.decomposition(c)]
+        forms = [f for c in decomposable for f in (c, unicodedata.normalize("NFD", c))]
+        theirs = backend.normalizer.normalize_str("\n".join(forms)).split("\n")
+        ours = [unicodedata.normalize("NFC", f) for f in forms]
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            if a != b:
+                bad.update(c for c in forms[i] if unicodedata.combining(c) or c == forms[i])
+        _DISAGREEMENTS["nfc"] = frozenset(bad)
+    return _DISAGREEMENTS["nfc"]
 
 
 def _encode_batch(backend, texts: list[str]):
