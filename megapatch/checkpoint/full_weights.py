@@ -165,6 +165,7 @@ def _model_config(saved: dict[str, Any], where: Path) -> GPTConfig:
     # The kernels are chosen for this machine, not the one that trained.
     cfg.ops_backend = "auto"
     cfg.activation_checkpointing = False
+    cfg.sequence_parallel = False  # one TP=1 model: nothing to shard the sequence over
     try:
         cfg.validate()
     except ConfigError as exc:

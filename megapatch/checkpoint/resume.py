@@ -46,7 +46,7 @@ def checkpoint_to_resume(cfg: RunConfig, ckpt: CheckpointManager) -> CheckpointI
 
 
 # Model settings that only change how the same weights are computed, not what they are.
-_RUNTIME_MODEL_SETTINGS = {"activation_checkpointing", "ops_backend"}
+_RUNTIME_MODEL_SETTINGS = {"activation_checkpointing", "ops_backend", "sequence_parallel"}
 
 
 @dataclass

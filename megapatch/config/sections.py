@@ -74,6 +74,8 @@ class ParallelSection:
     """TP: tensor-parallel ranks; must divide n_heads and n_kv_heads."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2, or 3 (3 only with TP=1)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1 and model.seq_len divisible by TP): norms, residual adds and the patch embedding's output hold L/TP positions per rank; all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones. Same losses, less activation memory."""
     nodes: int = 1
     """Nodes the job expects (with gpus_per_node: the world size the launcher must start)."""
     gpus_per_node: int | None = None

@@ -104,6 +104,31 @@ def model_shape_problems(
     return problems
 
 
+def sequence_parallel_problems(
+    *, tensor_parallel_size: int, seq_len: int
+) -> list[tuple[str, Any, str]]:
+    """What sequence parallelism needs: TP > 1 (it splits the sequence over the TP ranks),
+    and L positions that split evenly."""
+    tp = tensor_parallel_size
+    if tp == 1:
+        return [
+            (
+                "parallel.sequence_parallel",
+                True,
+                "false with TP=1 (it shards the sequence over the TP ranks)",
+            )
+        ]
+    if seq_len % tp:
+        return [
+            (
+                "model.seq_len",
+                seq_len,
+                f"a multiple of the TP size {tp} under parallel.sequence_parallel",
+            )
+        ]
+    return []
+
+
 def validate(cfg: RunConfig, check: Checker) -> None:
     """The config's own rules: ranges, the model's shape, cross-field rules. The batch
     arithmetic (whole sequences per step in every phase) is the scheduler's rule, checked
@@ -135,6 +160,11 @@ def validate(cfg: RunConfig, check: Checker) -> None:
         tensor_parallel_size=tp,
     ):
         check.fail(key, value, expected)
+    if par.sequence_parallel:
+        for key, value, expected in sequence_parallel_problems(
+            tensor_parallel_size=tp, seq_len=m.seq_len
+        ):
+            check.fail(key, value, expected)
     if par.zero_stage not in (0, 1, 2, 3):
         check.fail("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
     if par.zero_stage == 3 and tp > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megapatch.config.validation import model_shape_problems
+from megapatch.config.validation import model_shape_problems, sequence_parallel_problems
 from megapatch.errors import ConfigError
 from megapatch.ops import BACKENDS
 
@@ -45,6 +45,8 @@ class GPTConfig:
     """The padded vocabulary is a multiple of this times the TP size."""
     ops_backend: str = "auto"
     """Backend of the patch embedding and patch loss: auto, reference, torch or triton."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism under TP: norms and residual adds on L/tp positions."""
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, vocab_size: int) -> GPTConfig:
@@ -66,6 +68,7 @@ class GPTConfig:
             activation_checkpointing=m.activation_checkpointing,
             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
             ops_backend=cfg.train.ops_backend,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
 
     @property
@@ -100,6 +103,11 @@ class GPTConfig:
             tensor_parallel_size=tensor_parallel_size,
         ):
             raise ConfigError(f"{key}={value}: expected {expected}")
+        if self.sequence_parallel:
+            for key, value, expected in sequence_parallel_problems(
+                tensor_parallel_size=tensor_parallel_size, seq_len=self.seq_len
+            ):
+                raise ConfigError(f"{key}={value}: expected {expected}")
 
 
 def _positive_int(name: str, value) -> None:

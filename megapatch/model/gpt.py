@@ -28,12 +28,14 @@ from megapatch.parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_world_size,
     init_weight_shard_,
     pad_vocab_size,
     parameter_seed,
+    scatter_to_sequence_parallel_region,
 )
 
 IGNORE_INDEX = -100
@@ -52,6 +54,7 @@ class GPT(nn.Module):
         self.tp_size = get_tensor_model_parallel_world_size()
         cfg.validate(self.tp_size)
         self.cfg = cfg
+        self.sequence_parallel = cfg.sequence_parallel
         self.padded_vocab_size = pad_vocab_size(
             cfg.vocab_size, cfg.make_vocab_size_divisible_by, self.tp_size
         )
@@ -60,7 +63,7 @@ class GPT(nn.Module):
             self.padded_vocab_size, cfg.d_model, seed=None, backend=cfg.ops_backend
         )
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=cfg.sequence_parallel)
         # The output head is [V_pad, D] split by vocabulary rows, like the embedding.
         self.lm_head = (
             None
@@ -132,10 +135,16 @@ class GPT(nn.Module):
         if kv_cache is not None:
             if targets is not None or K != 1:
                 raise ConfigError("a KV cache is for inference: token mode (K=1), no targets")
+            if self.sequence_parallel:
+                raise ConfigError(
+                    "a KV cache is for inference: build the model without sequence_parallel"
+                )
             kv_cache.check_room(B, L)
             start = kv_cache.length
 
         x = self.embed_tokens(input_ids.reshape(B, L, K))  # [B, L, D]
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)  # [B, L/tp, D]
         cos, sin = rotary_cos_sin(
             torch.arange(start, start + L, device=x.device), self.cfg.head_dim, self.cfg.rope_theta
         )
@@ -147,6 +156,9 @@ class GPT(nn.Module):
             else:
                 x = layer(x, cos, sin)
         x = self.norm(x)  # [B, L, D]
+        if self.sequence_parallel:
+            # The loss (and the logits' gather) sum over TP themselves: keep our slice's grad.
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
 
         if targets is None:
             return self._logits(x)

@@ -6,7 +6,8 @@ weights export 1:1 with no permutation. Everything here is K-agnostic: in the pa
 it simply runs over L patches instead of L tokens.
 
 Under tensor parallelism each rank holds n_heads/tp query heads, n_kv_heads/tp key/value
-heads and ffn_hidden/tp SwiGLU channels; the projections do the collectives.
+heads and ffn_hidden/tp SwiGLU channels; the projections do the collectives. With
+sequence parallelism the residual stream between them holds L/tp positions per rank.
 """
 
 from __future__ import annotations
@@ -22,22 +23,30 @@ from megapatch.model.kv_cache import LayerKVCache
 from megapatch.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
     get_tensor_model_parallel_world_size,
 )
 
 
 class RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps), computed in fp32, cast back, then scaled by `weight`."""
+    """x · rsqrt(mean(x²) + eps), computed in fp32, cast back, then scaled by `weight`.
 
-    def __init__(self, dim: int, eps: float):
+    With `sequence_parallel` each TP rank normalises its own L/tp positions with the same
+    (replicated) weight, so the weight's gradient is the sum over the TP ranks."""
+
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight
+        if self.sequence_parallel:
+            weight = copy_to_tensor_model_parallel_region(weight)  # backward: all-reduce over TP
+        return weight * x32.to(x.dtype)
 
 
 def rotary_cos_sin(
@@ -80,10 +89,11 @@ class Attention(nn.Module):
         self.n_local_kv_heads = cfg.kv_heads // tp
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         # seed=None: GPT initialises every weight in one place.
-        self.q_proj = ColumnParallelLinear(cfg.d_model, q_size, seed=None)
-        self.k_proj = ColumnParallelLinear(cfg.d_model, kv_size, seed=None)
-        self.v_proj = ColumnParallelLinear(cfg.d_model, kv_size, seed=None)
-        self.o_proj = RowParallelLinear(q_size, cfg.d_model, seed=None)
+        sp = cfg.sequence_parallel
+        self.q_proj = ColumnParallelLinear(cfg.d_model, q_size, sequence_parallel=sp, seed=None)
+        self.k_proj = ColumnParallelLinear(cfg.d_model, kv_size, sequence_parallel=sp, seed=None)
+        self.v_proj = ColumnParallelLinear(cfg.d_model, kv_size, sequence_parallel=sp, seed=None)
+        self.o_proj = RowParallelLinear(q_size, cfg.d_model, sequence_parallel=sp, seed=None)
 
     def forward(
         self,
@@ -92,18 +102,14 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, L, D]; with a `cache` (inference), the L positions follow the cached ones
-        and attend to them too."""
-        B, L, _ = x.shape
-        q = (
-            self.q_proj(x).view(B, L, self.n_local_heads, self.head_dim).transpose(1, 2)
-        )  # [B, H, L, hd]
-        k = (
-            self.k_proj(x).view(B, L, self.n_local_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, Hkv, L, hd]
-        v = (
-            self.v_proj(x).view(B, L, self.n_local_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, Hkv, L, hd]
+        """x [B, L, D] (under sequence parallelism [B, L/tp, D]: the projections gather the
+        sequence, o_proj scatters it back); with a `cache` (inference), the L positions
+        follow the cached ones and attend to them too."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, H·hd / tp]
+        B, L = q.shape[:2]
+        q = q.view(B, L, self.n_local_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = k.view(B, L, self.n_local_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = v.view(B, L, self.n_local_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_local_kv_heads != self.n_local_heads
         if cache is None:  # training and plain inference: [B, H, L, hd]
@@ -123,9 +129,16 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(cfg.d_model, cfg.ffn_hidden, seed=None)
-        self.up_proj = ColumnParallelLinear(cfg.d_model, cfg.ffn_hidden, seed=None)
-        self.down_proj = RowParallelLinear(cfg.ffn_hidden, cfg.d_model, seed=None)
+        sp = cfg.sequence_parallel
+        self.gate_proj = ColumnParallelLinear(
+            cfg.d_model, cfg.ffn_hidden, sequence_parallel=sp, seed=None
+        )
+        self.up_proj = ColumnParallelLinear(
+            cfg.d_model, cfg.ffn_hidden, sequence_parallel=sp, seed=None
+        )
+        self.down_proj = RowParallelLinear(
+            cfg.ffn_hidden, cfg.d_model, sequence_parallel=sp, seed=None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -134,9 +147,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        sp = cfg.sequence_parallel
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=sp)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=sp)
         self.mlp = MLP(cfg)
 
     def forward(

@@ -11,8 +11,11 @@ from megapatch.parallel.layers import (
 )
 from megapatch.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megapatch.parallel.mpu import ModelParallelUnit, mpu
@@ -32,6 +35,9 @@ from megapatch.parallel.state import (
 )
 
 __all__ = [
+    "gather_from_sequence_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
     "initialize_model_parallel",
     "model_parallel_is_initialized",
     "destroy_model_parallel",

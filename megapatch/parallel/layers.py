@@ -20,9 +20,12 @@ from torch import nn
 from megapatch.errors import ConfigError
 from megapatch.ops import patch_embedding, vocab_parallel_patch_embedding
 from megapatch.parallel.mappings import (
+    all_gather_sequence,
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_sequence,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megapatch.parallel.state import (
@@ -87,11 +90,31 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+class _SequenceGatherLinear(torch.autograd.Function):
+    """y = all_gather_sequence(x)·Aᵀ, keeping only this rank's [B, L/tp, in] for backward,
+    where it gathers again (Megatron's choice): saving the gathered input would cost more
+    activation memory than sequence parallelism saves."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(all_gather_sequence(x), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = all_gather_sequence(x)  # [B, L, in]
+        grad_input = grad @ weight  # [B, L, in]: this rank's partial sum
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ full.reshape(-1, full.shape[-1])
+        return reduce_scatter_sequence(grad_input), grad_weight
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x·Aᵀ with A's output rows split over TP ranks: each rank holds A[out/tp, in].
 
-    The input is replicated; the output is this rank's slice of the features unless
-    `gather_output`. No bias (LLaMA has none).
+    The input is replicated, or with `sequence_parallel` this rank's L/tp positions
+    [B, L/tp, in], all-gathered here; the output is this rank's slice of the features
+    unless `gather_output`. No bias (LLaMA has none).
     """
 
     def __init__(
@@ -100,6 +123,7 @@ class ColumnParallelLinear(nn.Module):
         output_size: int,
         *,
         gather_output: bool = False,
+        sequence_parallel: bool = False,
         init_std: float = 0.02,
         seed: int | None = 0,
         init_rows: int | None = None,
@@ -113,6 +137,7 @@ class ColumnParallelLinear(nn.Module):
             output_size, tp, "ColumnParallelLinear output_size"
         )
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(
             torch.empty(self.output_size_per_partition, input_size, dtype=dtype, device=device)
         )
@@ -121,8 +146,10 @@ class ColumnParallelLinear(nn.Module):
             init_weight_shard_(self.weight, 0, std=init_std, seed=seed, init_rows=init_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight)  # [..., out/tp]
+        if self.sequence_parallel:  # x [B, L/tp, in], gathered to [B, L, in] inside
+            y = _SequenceGatherLinear.apply(x, self.weight)
+        else:
+            y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight)  # [..., out/tp]
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -133,7 +160,8 @@ class RowParallelLinear(nn.Module):
     """y = x·Aᵀ with A's input columns split over TP ranks: each rank holds A[out, in/tp].
 
     The input is this rank's feature slice (`input_is_parallel`, the output of a
-    ColumnParallelLinear) or is split here; the partial products are summed over TP.
+    ColumnParallelLinear) or is split here; the partial products are summed over TP, or
+    with `sequence_parallel` summed and scattered along the sequence ([B, L/tp, out]).
     """
 
     def __init__(
@@ -142,6 +170,7 @@ class RowParallelLinear(nn.Module):
         output_size: int,
         *,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
         init_std: float = 0.02,
         seed: int | None = 0,
         dtype: torch.dtype | None = None,
@@ -152,6 +181,7 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = _divide(input_size, tp, "RowParallelLinear input_size")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(
             torch.empty(output_size, self.input_size_per_partition, dtype=dtype, device=device)
         )
@@ -162,7 +192,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        return reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(y)
+        return reduce_from_tensor_model_parallel_region(y)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, in_per_rank={self.input_size_per_partition}"

@@ -109,3 +109,99 @@ def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
 def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     """Concatenate the ranks' slices of the last dimension, in TP rank order."""
     return _GatherFromModelParallelRegion.apply(x)
+
+
+# -- sequence parallelism: activations [B, L, D] split along L inside TP regions ----------
+# Megatron's scheme: norms and residual adds run on this rank's L/tp positions; the
+# column-parallel layers all-gather the sequence first, the row-parallel ones reduce-scatter
+# their partial sums back to it.
+SEQUENCE_DIM = 1
+
+
+def split_sequence(x: torch.Tensor) -> torch.Tensor:
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return x
+    if x.shape[SEQUENCE_DIM] % world_size != 0:
+        raise ValueError(
+            f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by the TP size {world_size}"
+        )
+    return x.chunk(world_size, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
+
+
+def all_gather_sequence(x: torch.Tensor) -> torch.Tensor:
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return x
+    x = x.movedim(SEQUENCE_DIM, 0).contiguous()
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=get_tensor_model_parallel_group())
+    return out.movedim(0, SEQUENCE_DIM)
+
+
+def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return x
+    if x.shape[SEQUENCE_DIM] % world_size != 0:
+        raise ValueError(
+            f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by the TP size {world_size}"
+        )
+    x = x.movedim(SEQUENCE_DIM, 0).contiguous()
+    out = x.new_empty((x.shape[0] // world_size, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, group=get_tensor_model_parallel_group())
+    return out.movedim(0, SEQUENCE_DIM)
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return split_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_sequence(grad)
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tensor_parallel_output_grad):
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return all_gather_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Into a column-parallel layer each rank's gradient is a partial sum: reduce-scatter.
+        # Into an op that already sums over TP (the vocab-parallel loss): keep our slice.
+        if ctx.tensor_parallel_output_grad:
+            return reduce_scatter_sequence(grad), None
+        return split_sequence(grad), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return reduce_scatter_sequence(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_sequence(grad)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Keep this rank's L/tp positions of a replicated [B, L, ...] activation."""
+    return _ScatterToSequenceParallelRegion.apply(x)
+
+
+def gather_from_sequence_parallel_region(
+    x: torch.Tensor, tensor_parallel_output_grad: bool = True
+) -> torch.Tensor:
+    """All-gather the sequence: [B, L/tp, ...] -> [B, L, ...]. `tensor_parallel_output_grad`:
+    the consumer's gradient is a per-rank partial sum (a column-parallel layer) rather than
+    already complete on every rank."""
+    return _GatherFromSequenceParallelRegion.apply(x, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' partial [B, L, ...] results and keep this rank's L/tp positions."""
+    return _ReduceScatterToSequenceParallelRegion.apply(x)

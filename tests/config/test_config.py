@@ -223,6 +223,18 @@ def test_out_of_range_values(tmp_path, override, expected):
         ),
         (["parallel.zero_stage=4"], "parallel.zero_stage=4: expected 0, 1, 2 or 3"),
         (
+            ["parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel=true: expected false with TP=1 (it shards the sequence over the TP ranks)",
+        ),
+        (
+            [
+                "parallel.sequence_parallel=true",
+                "parallel.tensor_model_parallel_size=4",
+                "model.seq_len=18",
+            ],
+            "model.seq_len=18: expected a multiple of the TP size 4 under parallel.sequence_parallel",
+        ),
+        (
             ["model.d_model=36", "model.n_heads=4"],
             "an even head size d_model/n_heads for RoPE, not 9",
         ),

@@ -165,3 +165,80 @@ def test_tensor_parallel_model_equals_tp1(tp, tp1):
             )
         else:
             assert result["gqa_error"] is None
+
+
+# -- sequence parallelism ------------------------------------------------------------------
+
+
+def _sp_run(backend: str, sequence_parallel: bool) -> dict:
+    """Patch and token losses and every gradient of a seq_len=8 model (8 divides TP=2, 4)."""
+    model = GPT(config(backend, seq_len=8, sequence_parallel=sequence_parallel), seed=SEED)
+    g = torch.Generator().manual_seed(1)
+    patch_window = torch.randint(0, V, (2, K * 8 + K), generator=g)
+    token_window = torch.randint(0, V, (2, 8 + 1), generator=g)
+    out = {}
+    for kind, window, k in (("patch", patch_window, K), ("token", token_window, 1)):
+        targets = window[:, k:].clone()
+        targets[0, :3] = -100
+        loss = model(window[:, :-k], targets, patch_size=k)
+        loss.backward()
+        out[f"{kind}_loss"] = loss.detach()
+        out[f"{kind}_grads"] = {n: _full(n, p.grad, p) for n, p in model.named_parameters()}
+        model.zero_grad()
+    return _to_numpy(out)
+
+
+def _sp_rank(rank, world_size, backends):
+    initialize_model_parallel(world_size)
+    try:
+        return {(backend, sp): _sp_run(backend, sp) for backend in backends for sp in (False, True)}
+    finally:
+        destroy_model_parallel()
+
+
+def _assert_same_losses_and_grads(actual: dict, expected: dict, what: str) -> None:
+    for kind in ("patch", "token"):
+        torch.testing.assert_close(
+            torch.from_numpy(actual[f"{kind}_loss"]),
+            torch.from_numpy(expected[f"{kind}_loss"]),
+            rtol=0,
+            atol=1e-5,
+            msg=f"{what}: {kind} loss",
+        )
+        grads, reference = actual[f"{kind}_grads"], expected[f"{kind}_grads"]
+        assert grads.keys() == reference.keys()
+        for name, grad in reference.items():
+            grad = torch.from_numpy(grad)
+            scale = grad.abs().max().item()
+            assert scale > 0, f"{what}: {kind} {name} is all zero"
+            torch.testing.assert_close(
+                torch.from_numpy(grads[name]) / scale,
+                grad / scale,
+                rtol=0,
+                atol=1e-5,
+                msg=f"{what}: {kind} grad {name}",
+            )
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_equals_sequence_parallel_off_and_tp1(tp):
+    torch.set_num_threads(1)
+    tp1 = {backend: _sp_run(backend, False) for backend in BACKENDS}
+    for rank, result in enumerate(run_distributed(_sp_rank, tp, BACKENDS, reuse_workers=True)):
+        for backend in BACKENDS:
+            on, off = result[(backend, True)], result[(backend, False)]
+            _assert_same_losses_and_grads(on, off, f"TP={tp} rank {rank} {backend}: SP on vs off")
+            _assert_same_losses_and_grads(
+                on, tp1[backend], f"TP={tp} rank {rank} {backend}: SP vs TP=1"
+            )
+
+
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence():
+    with pytest.raises(
+        ConfigError, match=r"parallel.sequence_parallel=True: expected false with TP=1"
+    ):
+        GPT(config("reference", sequence_parallel=True))
+    with pytest.raises(ConfigError, match=r"model.seq_len=6: expected a multiple of the TP size 4"):
+        config("reference", sequence_parallel=True).validate(4)

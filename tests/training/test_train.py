@@ -146,6 +146,23 @@ def test_tp2_matches_one_process(reference_run, tiny_corpus, tmp_path):
 
 
 @pytest.mark.distributed
+def test_tp2_with_sequence_parallelism_matches_one_process(reference_run, tiny_corpus, tmp_path):
+    run_dir = tmp_path / "tp2sp"
+    run_train(
+        tiny_corpus,
+        run_dir,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        nproc=2,
+    )  # both phases, the switch, and validation under SP
+    np.testing.assert_allclose(_losses(run_dir), _losses(reference_run), rtol=2e-5, atol=2e-5)
+    records = metrics(run_dir)
+    expected = {r["step"]: r for r in metrics(reference_run) if "val_loss" in r}
+    for r in (r for r in records if "val_loss" in r):
+        assert r["val_loss"] == pytest.approx(expected[r["step"]]["val_loss"], rel=2e-5)
+
+
+@pytest.mark.distributed
 def test_tp2_dp2_matches_one_process(reference_run, tiny_corpus, tmp_path):
     run_dir = tmp_path / "tp2dp2"
     run_train(
