@@ -15,7 +15,10 @@ from megapatch.errors import ConfigError
 from tests.data.helpers import synthetic_text
 from tests.data.test_prep_errors import _fails
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # no Transformer Engine/Apex
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # no Transformer Engine/Apex
+    pytest.mark.slow,  # importing megatron-core (and torch) takes several seconds
+]
 
 
 @pytest.fixture(scope="module")
