@@ -1,4 +1,5 @@
-"""Read a megapatch checkpoint, saved with any TP size and ZeRO stage, as one full model.
+"""Read a megapatch checkpoint, saved with any TP size and ZeRO stage (or resharded into
+DeepSpeed's universal form), as one full model.
 
     ckpt = read_checkpoint("runs/tiny")        # a run dir, its checkpoints/ dir, or a step dir
     ckpt.model_config, ckpt.state_dict          # GPTConfig; full fp32 weights, TP=1 names
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,14 @@ import torch
 
 from megapatch.checkpoint.client_state import ClientState, load_model_states
 from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
+from megapatch.checkpoint.reshard import is_universal, read_universal_weights
 from megapatch.checkpoint.safe_load import check_files
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
 from megapatch.model import GPT, GPTConfig
 from megapatch.parallel import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-log = get_logger("checkpoint_io")
+log = get_logger("checkpoint")
 
 # Weights whose rows are the vocabulary: padded for TP in a model, unpadded in a full state dict.
 VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
@@ -127,7 +130,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     client = ClientState.from_model_states(state0, file)
     model_config = _model_config(client.model_config, step_dir)
     if client.zero_stage == 3:
-        state = _gather_zero3(step_dir, client)
+        state = _gather_zero3(step_dir, client, model_config)
     else:
         shards = [state0["module"]]
         for rank in range(1, client.tensor_model_parallel_size):
@@ -199,28 +202,50 @@ def merge_tensor_parallel_shards(
     return merged
 
 
-def _gather_zero3(step_dir: Path, client: ClientState) -> dict[str, torch.Tensor]:
-    if client.tensor_model_parallel_size != 1:
-        raise CheckpointError(f"{step_dir}: ZeRO-3 with TP>1 is not a layout megapatch writes")
+def _gather_zero3(step_dir: Path, client: ClientState, model_config: GPTConfig):
+    """Full weights of a ZeRO-3 checkpoint: each TP rank's fp32 master partitions gathered
+    over DP (DeepSpeed's zero_to_fp32), then the TP shards merged."""
+    tp = client.tensor_model_parallel_size
+    shards = []
+    with tempfile.TemporaryDirectory(prefix="megapatch-zero3-") as scratch:
+        for rank in range(tp):
+            files = sorted(step_dir.glob(f"zero_pp_rank_*_mp_rank_{rank:02d}_*_states.pt"))
+            if not files:
+                raise CheckpointError(
+                    f"{step_dir}: saved with TP={tp} but TP rank {rank}'s ZeRO-3 partitions are missing"
+                )
+            # zero_to_fp32 reads every partition file of a directory: give it one TP rank's.
+            view = Path(scratch) / f"tp{rank}" / step_dir.name
+            view.mkdir(parents=True)
+            for file in files:
+                (view / file.name).symlink_to(file.resolve())
+            shards.append(_zero_to_fp32(view, step_dir))
+    state = (
+        shards[0]
+        if tp == 1
+        else merge_tensor_parallel_shards(shards, partition_dims(model_config), step_dir)
+    )
+    precision = client.config.get("train", {}).get("precision", "fp32")
+    dtype = _PRECISION_DTYPES.get(precision)
+    if dtype is not None:
+        state = {name: w.to(dtype) for name, w in state.items()}
+    return state
+
+
+def _zero_to_fp32(view: Path, step_dir: Path) -> dict[str, torch.Tensor]:
     # DeepSpeed logs to stdout on import and zero_to_fp32 prints its progress and bars:
     # keep the command's output its own.
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             # zero_to_fp32 unpickles every partition without restrictions: check them first.
-            check_files(sorted(step_dir.glob("*.pt")))
+            check_files(sorted(view.glob("*.pt")))
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(
-                str(step_dir.parent), tag=step_dir.name
-            )
+            state = get_fp32_state_dict_from_zero_checkpoint(str(view.parent), tag=view.name)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{step_dir}: cannot gather the ZeRO-3 partitions ({exc})") from exc
     log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
-    precision = client.config.get("train", {}).get("precision", "fp32")
-    dtype = _PRECISION_DTYPES.get(precision)
-    if dtype is not None:
-        state = {name: w.to(dtype) for name, w in state.items()}
     return dict(state)
 
 

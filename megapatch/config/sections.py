@@ -73,7 +73,7 @@ class ParallelSection:
     tensor_model_parallel_size: int = 1
     """TP: tensor-parallel ranks; must divide n_heads and n_kv_heads."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2, or 3 (3 only with TP=1)."""
+    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2, or 3 (with any TP size)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1 and model.seq_len divisible by TP): norms, residual adds and the patch embedding's output hold L/TP positions per rank; all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones. Same losses, less activation memory."""
     nodes: int = 1
@@ -243,7 +243,7 @@ class CheckpointSection:
     keep_last: int | None = 3
     """Keep the newest N checkpoints; null = keep all."""
     at_switch: bool = True
-    """Save right before the patch->token switch."""
+    """Save at the end of every patch stage, right before its switch."""
     max_failed_saves: int | None = 3
     """Periodic saves that may fail in a row (disk full, read-only) while training goes on;
     one more stops the run with its last good checkpoint. A good save resets the count;

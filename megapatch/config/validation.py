@@ -167,8 +167,6 @@ def validate(cfg: RunConfig, check: Checker) -> None:
             check.fail(key, value, expected)
     if par.zero_stage not in (0, 1, 2, 3):
         check.fail("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
-    if par.zero_stage == 3 and tp > 1:
-        check.fail("parallel.zero_stage", 3, f"0, 1 or 2 with TP={tp} (ZeRO-3 needs TP=1)")
     for key in _ENGINE_OWNED_DEEPSPEED_KEYS:
         if key in par.deepspeed:
             why = "batch shapes come from train.tokens_per_step and train.micro_batch_size"

@@ -217,10 +217,6 @@ def test_out_of_range_values(tmp_path, override, expected):
             ["model.n_kv_heads=2", "parallel.tensor_model_parallel_size=4"],
             "parallel.tensor_model_parallel_size=4: expected a divisor of model.n_heads=4 and model.n_kv_heads=2",
         ),
-        (
-            ["parallel.zero_stage=3", "parallel.tensor_model_parallel_size=2"],
-            "parallel.zero_stage=3: expected 0, 1 or 2 with TP=2",
-        ),
         (["parallel.zero_stage=4"], "parallel.zero_stage=4: expected 0, 1, 2 or 3"),
         (
             ["parallel.sequence_parallel=true"],
