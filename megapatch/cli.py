@@ -1,6 +1,6 @@
 """megapatch: patch-level pretraining of GPT-style language models.
 
-Commands: prep, plan, train, eval, export, generate, compare, bench, summary.
+Commands: prep, plan, train, eval, export, generate, checkpoint, compare, bench, summary.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int`; modules are imported lazily so `megapatch --help` stays fast.
@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "export a checkpoint as a Hugging Face Llama directory",
     ),
     "generate": ("megapatch.commands.generate", "sample text from a checkpoint"),
+    "checkpoint": (
+        "megapatch.commands.checkpoint",
+        "checkpoint tools: reshard for another TP/DP/ZeRO layout",
+    ),
     "compare": ("megapatch.commands.compare", "plot and tabulate several runs side by side"),
     "summary": ("megapatch.commands.summary", "summarise a finished run"),
     "bench": ("megapatch.commands.bench", "run a benchmark (data, ops, train)"),

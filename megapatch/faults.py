@@ -10,7 +10,10 @@
                                         SIGKILL still end it, as a launcher tearing down does)
     MEGAPATCH_FAULT_SAVE_ERROR=ENOSPC   every checkpoint write fails with this errno (ENOSPC,
                                         EROFS, EACCES, EIO, ...); ENOSPC@6,9 only the writes of
-                                        the checkpoints of steps 6 and 9
+                                        the checkpoints of steps 6 and 9 (and of a reshard
+                                        of the checkpoint of that step, before it completes)
+    MEGAPATCH_FAULT_KILL_IN_RESHARD=6   SIGKILL a reshard of the checkpoint of step 6 once it
+                                        wrote its data, before it is complete
     MEGAPATCH_FAULT_RANKS=1             restrict kills, hangs and write errors to these global
                                         ranks (default: all)
     MEGAPATCH_RECORD_DATA_CRC=1         log a CRC of each step's batches (rank 0's slice), so
@@ -68,6 +71,12 @@ def maybe_hang_after_step(step: int) -> None:
 def maybe_kill_in_save(step: int) -> None:
     """Called after each file this rank writes into the checkpoint of `step`."""
     if step in _env_steps("MEGAPATCH_FAULT_KILL_IN_SAVE") and _this_rank_selected():
+        _kill()
+
+
+def maybe_kill_in_reshard(step: int) -> None:
+    """Called once a reshard of checkpoint `step` wrote its data, before it is complete."""
+    if step in _env_steps("MEGAPATCH_FAULT_KILL_IN_RESHARD") and _this_rank_selected():
         _kill()
 
 

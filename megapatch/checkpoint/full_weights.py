@@ -129,7 +129,9 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     state0, file = load_model_states(step_dir)
     client = ClientState.from_model_states(state0, file)
     model_config = _model_config(client.model_config, step_dir)
-    if client.zero_stage == 3:
+    if is_universal(step_dir):  # resharded (reshard.py): whole fp32 weights, one file each
+        state = _as_trained(read_universal_weights(step_dir), client)
+    elif client.zero_stage == 3:
         state = _gather_zero3(step_dir, client, model_config)
     else:
         shards = [state0["module"]]
@@ -225,6 +227,12 @@ def _gather_zero3(step_dir: Path, client: ClientState, model_config: GPTConfig):
         if tp == 1
         else merge_tensor_parallel_shards(shards, partition_dims(model_config), step_dir)
     )
+    return _as_trained(state, client)
+
+
+def _as_trained(state: dict[str, torch.Tensor], client: ClientState) -> dict[str, torch.Tensor]:
+    """fp32 master weights rounded as the engine rounds them after every step of a
+    bf16/fp16 run, so every layout reads the numbers the model computed with."""
     precision = client.config.get("train", {}).get("precision", "fp32")
     dtype = _PRECISION_DTYPES.get(precision)
     if dtype is not None:

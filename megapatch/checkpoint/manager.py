@@ -369,6 +369,8 @@ class CheckpointManager:
                 # Drop COMPLETE first so a crash mid-delete leaves an "incomplete" dir, not a broken "complete" one.
                 (c.path / COMPLETE).unlink(missing_ok=True)
                 shutil.rmtree(c.path, ignore_errors=True)
+                # its resharded form (reshard.py), if a resume made one, goes with it
+                shutil.rmtree(c.path.with_name(c.tag + ".universal"), ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, engine, checkpoint: CheckpointInfo, load_optimizer: bool = True) -> dict:

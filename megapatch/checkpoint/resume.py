@@ -15,6 +15,13 @@ from typing import Any
 
 from megapatch.checkpoint.client_state import ClientState, read_client_state
 from megapatch.checkpoint.manager import CheckpointInfo, CheckpointManager
+from megapatch.checkpoint.reshard import (
+    Layout,
+    check_can_reshard,
+    is_universal,
+    needs_reshard,
+    reshard_for_resume,
+)
 from megapatch.checkpoint.safe_load import check_files
 from megapatch.config import RunConfig
 from megapatch.errors import CheckpointError, DataError
@@ -55,6 +62,9 @@ class Resume:
 
     checkpoint: CheckpointInfo
     client_state: ClientState
+    universal: bool = False
+    """`checkpoint` is a universal checkpoint (another layout's, resharded): the engine
+    must be built with DeepSpeed's `checkpoint.load_universal`."""
 
 
 def resume_point(
@@ -62,28 +72,32 @@ def resume_point(
 ) -> Resume | None:
     """The checkpoint this run continues from (None: start fresh), checked against this
     run's `identity` (client_state.IDENTITY_KEYS) and for safe files, before any of it is
-    loaded into an engine."""
+    loaded into an engine; a checkpoint of another parallel layout is resharded (once,
+    beside it: `reshard.py`)."""
     info = checkpoint_to_resume(cfg, ckpt)
     if info is None:
         return None
     saved = read_client_state(info.path)
-    check_resumable(info.path, saved.identity, identity)
+    reshard = check_resumable(info.path, saved.identity, identity)
+    if reshard or is_universal(info.path):
+        path = info.path
+        if not is_universal(path):
+            path = reshard_for_resume(info.path, saved, Layout.of(identity))
+        check_files(sorted(path.glob("*.pt")) + sorted(path.glob("zero/**/*.pt")))
+        return Resume(CheckpointInfo(path.name, saved.step, path), saved, universal=True)
     # DeepSpeed unpickles these without restrictions; refuse any with foreign types first.
     check_files(sorted(info.path.glob("*.pt")) + sorted((info.path / "megapatch").glob("*.pt")))
     return Resume(info, saved)
 
 
-def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse, with the reason and the way out, a checkpoint this run cannot continue.
+def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Refuse, with the reason and the way out, a checkpoint this run cannot continue;
+    True if it can once resharded into this run's layout (another TP or DP size, ZeRO stage).
 
     `saved` is the checkpoint's identity (client_state.IDENTITY_KEYS), `current` this
     run's: model_config, tokenizer_sha256, config_hash, tensor_model_parallel_size,
     data_parallel_size, zero_stage.
     """
-    convert = (
-        f"to start from its weights instead, convert it: `megapatch export {path} --out HF_DIR`, "
-        "then train a new run.dir with init.from_hf=HF_DIR (optimizer state and data position restart)"
-    )
     theirs, mine = saved["model_config"], current["model_config"]
     diff = [
         f"model.{k}={theirs.get(k)!r} there, {mine.get(k)!r} here"
@@ -109,24 +123,8 @@ def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) 
             f"{path} belongs to a run with config hash {saved['config_hash']}, "
             f"this config's is {current['config_hash']}; choose another run.dir or checkpoint"
         )
-    tp = int(saved.get("tensor_model_parallel_size", 1))
-    my_tp = current["tensor_model_parallel_size"]
-    if tp != my_tp:
-        raise CheckpointError(
-            f"checkpoint {path} was written with tensor_model_parallel_size={tp}, this run has "
-            f"{my_tp}; DeepSpeed checkpoints do not reshard across TP sizes: relaunch with "
-            f"parallel.tensor_model_parallel_size={tp}, or {convert}"
-        )
-    stage, my_stage = int(saved.get("zero_stage", 0)), current["zero_stage"]
-    if stage != my_stage and not {stage, my_stage} <= {1, 2}:  # ZeRO-1 and 2 share a format
-        raise CheckpointError(
-            f"checkpoint {path} was written with ZeRO stage {stage}, this run uses {my_stage}: "
-            f"set parallel.zero_stage={stage} to resume it, or {convert}"
-        )
-    dp, my_dp = int(saved.get("data_parallel_size", 1)), current["data_parallel_size"]
-    if dp != my_dp and my_stage > 0:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {dp} data-parallel ranks with ZeRO-{stage}, this run "
-            f"has {my_dp}; ZeRO's optimizer shards do not re-partition: relaunch with {dp * my_tp} "
-            f"ranks, or {convert}"
-        )
+    theirs_layout, mine_layout = Layout.of(saved), Layout.of(current)
+    if not needs_reshard(theirs_layout, mine_layout):
+        return False
+    check_can_reshard(path, theirs_layout, mine_layout, theirs)
+    return True

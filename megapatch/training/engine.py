@@ -122,12 +122,25 @@ def skips_nonfinite_steps(engine) -> bool:
     return _optimizer_is_wrapped(engine)
 
 
-def build_engine(model: torch.nn.Module, cfg, first_phase, *, dp_size: int, device: torch.device):
+def build_engine(
+    model: torch.nn.Module,
+    cfg,
+    first_phase,
+    *,
+    dp_size: int,
+    device: torch.device,
+    load_universal: bool = False,
+):
     """The DeepSpeed engine of `model` for run config `cfg`, shaped for its first phase;
-    ZeRO shards over the data-parallel group only (megapatch.parallel.mpu)."""
+    ZeRO shards over the data-parallel group only (megapatch.parallel.mpu).
+    `load_universal`: the checkpoint to resume is a universal one (checkpoint/reshard.py)."""
     import deepspeed
 
     from megapatch import parallel
+    from megapatch.checkpoint.reshard import universal_checkpoint_info
+
+    # Saved in every checkpoint: how to merge the TP shards when it is resharded.
+    model.universal_checkpoint_info = universal_checkpoint_info(model)
 
     t = cfg.train
     config = deepspeed_config(
@@ -144,6 +157,8 @@ def build_engine(model: torch.nn.Module, cfg, first_phase, *, dp_size: int, devi
         on_cuda=device.type == "cuda",
         overrides=cfg.parallel.deepspeed,
     )
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),

@@ -115,7 +115,12 @@ class Trainer:
         if cfg.train.compile:
             model.compile_blocks()
         self.engine = engine_ops.build_engine(
-            model, cfg, self.plan.phases[0], dp_size=self.dp_size, device=env.device
+            model,
+            cfg,
+            self.plan.phases[0],
+            dp_size=self.dp_size,
+            device=env.device,
+            load_universal=bool(self.resume_from and self.resume_from.universal),
         )
         self.native_skip = engine_ops.skips_nonfinite_steps(self.engine)
         self.native_grad_norm = engine_ops.keeps_grad_norm(self.engine)

@@ -1,0 +1,145 @@
+"""Elastic resume end to end: a checkpoint of one parallel layout continued in another.
+
+One uninterrupted single-process run (30 steps: 20 patch, the switch, 10 token) is the
+reference; source runs of other layouts stop at step 21 with checkpoints at 18 (before
+the switch) and 21 (after it); each case resumes one of them in another layout for 9
+steps and must match the reference: losses (1e-4 relative), the data CRCs of every step,
+and the full optimizer state at the end (Adam step, both moments, master weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megapatch.checkpoint.reshard import convert, universal_dir
+from tests.training.conftest import run_train, train_records
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+LONGER = ["train.total_tokens=7680", "eval.interval=0"]  # 20 patch + 10 token steps
+SWITCH = 20
+
+TP2 = "parallel.tensor_model_parallel_size=2"
+Z = "parallel.zero_stage={}".format
+SOURCES = {  # name: (overrides, nproc)
+    "dp2-z2": ([Z(2)], 2),
+    "tp2-dp2-z1": ([TP2], 4),
+}
+
+
+def _step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reshard-ref") / "run"
+    run_train(tiny_corpus, run_dir, *LONGER)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_corpus, tmp_path_factory, reference) -> dict[str, Path]:
+    runs = {"ref": reference}
+    for name, (overrides, nproc) in SOURCES.items():
+        run_dir = tmp_path_factory.mktemp(f"reshard-{name}") / "run"
+        run_train(tiny_corpus, run_dir, *LONGER, *overrides, "train.max_steps=21", nproc=nproc)
+        runs[name] = run_dir
+    return runs
+
+
+def _universal_state(step_dir: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{param: {fp32, exp_avg, exp_avg_sq, step}} of any checkpoint, through the converter."""
+    convert(step_dir, out, step=int(step_dir.name.split("_")[1]))
+    state = {}
+    for param_dir in sorted(p for p in (out / "zero").iterdir() if p.is_dir()):
+        entry = {}
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            entry[key] = torch.load(param_dir / f"{key}.pt", weights_only=False)["param"]
+        entry["step"] = float(torch.load(param_dir / "step.pt", weights_only=False))
+        state[param_dir.name] = entry
+    return state
+
+
+CASES = [  # source, resume step, target overrides, nproc
+    ("dp2-z2", 18, [Z(1)], 1),  # DP2 -> DP1 (ZeRO-2 -> 1), before the switch
+    ("dp2-z2", 21, [Z(2)], 1),  # DP2 -> DP1 under ZeRO-2, after it
+    ("dp2-z2", 18, [Z(3)], 1),  # DP2 ZeRO-2 -> DP1 ZeRO-3
+    ("ref", 21, [Z(1)], 2),  # DP1 -> DP2 under ZeRO-1
+    ("ref", 18, [Z(2)], 2),  # DP1 ZeRO-1 -> DP2 ZeRO-2
+    ("ref", 21, [TP2], 2),  # TP1 -> TP2
+    ("tp2-dp2-z1", 18, [], 1),  # TP2 x DP2 -> TP1 x DP1
+    ("tp2-dp2-z1", 21, [], 4),  # TP2 x DP2 -> TP1 x DP4
+]
+IDS = [
+    "dp2z2-dp1z1@18",
+    "dp2z2-dp1z2@21",
+    "dp2z2-dp1z3@18",
+    "dp1-dp2z1@21",
+    "dp1z1-dp2z2@18",
+    "tp1-tp2@21",
+    "tp2dp2-tp1dp1@18",
+    "tp2dp2-tp1dp4@21",
+]
+
+
+@pytest.mark.parametrize("source, step, target, nproc", CASES, ids=IDS)
+def test_resume_in_another_layout_continues_exactly(
+    sources, reference, tiny_corpus, tmp_path, source, step, target, nproc
+):
+    original = _step_dir(sources[source], step)
+    before = _digest(original)
+    run_dir = tmp_path / "run"
+    end = step + 9
+    proc = run_train(
+        tiny_corpus,
+        run_dir,
+        *LONGER,
+        *target,
+        f"train.resume={original}",
+        f"train.max_steps={end}",
+        nproc=nproc,
+    )
+    assert _digest(original) == before, "the original checkpoint was modified"
+    assert (universal_dir(original) / "COMPLETE").is_file()
+    assert "resharded" in proc.stderr or "reusing" in proc.stderr, proc.stderr[-3000:]
+
+    resumed = train_records(run_dir)
+    expected = [r for r in train_records(reference) if step < r["step"] <= end]
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]
+    assert any(r["step"] <= SWITCH for r in resumed) == (step < SWITCH)
+    np.testing.assert_allclose(
+        [r["loss"] for r in resumed], [r["loss"] for r in expected], rtol=1e-4
+    )
+    assert [r["data_crc"] for r in resumed] == [r["data_crc"] for r in expected]
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
+
+    # The whole optimizer state carried over: at the end, equal to the reference's.
+    got = _universal_state(_step_dir(run_dir, end), tmp_path / "got.universal")
+    want = _universal_state(_step_dir(reference, end), tmp_path / "want.universal")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name]["step"] == want[name]["step"], name
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            a, b = got[name][key], want[name][key]
+            assert a.shape == b.shape, (name, key)
+            assert float(a.norm()) == pytest.approx(float(b.norm()), rel=1e-3, abs=1e-12), (
+                name,
+                key,
+            )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] in ("completed", "max_steps")
