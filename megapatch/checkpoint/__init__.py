@@ -7,6 +7,7 @@ model, and the Hugging Face format.
     safe_load.py     torch.load of checkpoint files with only allowlisted types
     resume.py        which checkpoint a run continues, and whether it can
     full_weights.py  one full model from a checkpoint of any TP size / ZeRO stage
+    reshard.py       a checkpoint continued in another DP/TP/ZeRO layout (universal form)
     hf.py            Hugging Face Llama export and import
 """
 

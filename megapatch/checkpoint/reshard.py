@@ -219,7 +219,6 @@ def convert(
     tmp = out.with_name(f"{_TMP_PREFIX}{out.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
     try:
-        faults.check_write(tmp, step)
         tmp.mkdir(parents=True)
         _run_converter(step_dir, tmp, workers=workers, bar=bar)
         faults.maybe_kill_in_reshard(step)

@@ -75,6 +75,75 @@ def _universal_state(step_dir: Path, out: Path) -> dict[str, dict[str, torch.Ten
     return state
 
 
+def _stale(step_dir: Path) -> list[Path]:
+    return sorted(step_dir.parent.glob(f".{step_dir.name}.universal.tmp-*"))
+
+
+def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from megapatch.checkpoint.full_weights import read_checkpoint
+    from tests.fixtures import REPO, run_cli, spawned_training_env
+
+    original = _step_dir(sources["ref"], 21)
+    before = _digest(original)
+    # Killed once it wrote its data, before it is complete: a partial folder under a
+    # temporary name, which nothing loads (the next resume removes it).
+    killed = subprocess.run(
+        [sys.executable, "-m", "megapatch", "checkpoint", "reshard", str(original)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=spawned_training_env(MEGAPATCH_FAULT_KILL_IN_RESHARD="21"),
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _stale(original) and not universal_dir(original).exists()
+    # A full disk before it completes: one line, exit 2, nothing kept.
+    out = tmp_path / "full.universal"
+    monkeypatch.setenv("MEGAPATCH_FAULT_SAVE_ERROR", "ENOSPC@21")
+    assert run_cli("checkpoint", "reshard", original, "--out", out, "--dp", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("megapatch checkpoint: error: could not reshard"), err
+    assert (
+        "No space left on device" in err
+        and "the original checkpoint is intact and resumable" in err
+    )
+    assert not out.exists() and not list(tmp_path.glob(".full.universal.tmp-*"))
+    monkeypatch.delenv("MEGAPATCH_FAULT_SAVE_ERROR")
+    assert _digest(original) == before
+    read_checkpoint(original)  # still whole
+    assert os.listdir(original)
+
+
+def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_takes(
+    sources, tmp_path, capsys
+):
+    from megapatch.checkpoint.full_weights import read_checkpoint
+    from tests.fixtures import run_cli
+
+    original = _step_dir(sources["tp2-dp2-z1"], 18)
+    out = tmp_path / "resharded"
+    # TP=4 does not divide the 2 heads: refused before any work.
+    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "4") == 2
+    err = capsys.readouterr().err.strip()
+    assert "parallel.tensor_model_parallel_size=4, expected a divisor of model.n_heads=2" in err
+    assert "\n" not in err and not out.exists()
+
+    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "1", "--dp", "4") == 0
+    said = capsys.readouterr().out
+    assert "(TP=2 x DP=2, ZeRO-1) for TP=1 x DP=4, ZeRO-1" in said and f"train.resume={out}" in said
+    # eval / export / generate read it as the same model
+    a, b = read_checkpoint(original), read_checkpoint(out)
+    assert a.step == b.step == 18 and a.state_dict.keys() == b.state_dict.keys()
+    for name, weight in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[name], weight, rtol=0, atol=0)
+    assert run_cli("checkpoint", "reshard", original, "--out", out) == 0  # reused
+    assert "nothing to do" in capsys.readouterr().out
+
+
 CASES = [  # source, resume step, target overrides, nproc
     ("dp2-z2", 18, [Z(1)], 1),  # DP2 -> DP1 (ZeRO-2 -> 1), before the switch
     ("dp2-z2", 21, [Z(2)], 1),  # DP2 -> DP1 under ZeRO-2, after it
@@ -103,6 +172,7 @@ def test_resume_in_another_layout_continues_exactly(
 ):
     original = _step_dir(sources[source], step)
     before = _digest(original)
+    stale = _stale(original)  # a killed reshard's (test_a_reshard_that_fails_midway...)
     run_dir = tmp_path / "run"
     end = step + 9
     proc = run_train(
@@ -117,6 +187,7 @@ def test_resume_in_another_layout_continues_exactly(
     assert _digest(original) == before, "the original checkpoint was modified"
     assert (universal_dir(original) / "COMPLETE").is_file()
     assert "resharded" in proc.stderr or "reusing" in proc.stderr, proc.stderr[-3000:]
+    assert not any(p.exists() for p in stale) and not _stale(original)
 
     resumed = train_records(run_dir)
     expected = [r for r in train_records(reference) if step < r["step"] <= end]
