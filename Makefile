@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 DATA   ?= data/shakespeare
 RUN    ?= runs/quickstart
 
-.PHONY: quickstart test install install-dev lint bench repro-tiny clean
+.PHONY: quickstart test install install-dev lint bench repro-tiny repro-recipes clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,11 @@ repro-tiny: install-dev
 	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
 	# one thread per run: the tiny model gains nothing from more, and the pairs share the cores
 	OMP_NUM_THREADS=1 $(PY) bench/repro_tiny.py --data $(DATA) --out runs/repro-tiny
+
+# patch recipes beyond the paper's at equal compute (docs/results.md); ~30 min on 2 cores
+repro-recipes: install-dev
+	$(VENV)/bin/megapatch prep --sample shakespeare --out $(DATA) --skip-existing
+	OMP_NUM_THREADS=1 $(PY) bench/repro_recipes.py --data $(DATA) --out runs/repro-recipes
 
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache
