@@ -2,7 +2,8 @@
 run, their batch shapes and their learning-rate curves. Pure Python, no torch.
 
     plan = StagePlan.from_config(cfg, dp_size=4)
-    plan.phases                  # (Phase("patch", ...), Phase("token", ...)) or just the token phase
+    plan.phases                  # (Phase("patch", ...), Phase("token", ...)) or just the token phase;
+                                 # several stages (patch.stages): patch1, patch2, ..., token
     plan.phase_at(step).name     # "patch" | "token"   (global optimizer steps count from 0)
     plan.lr(step)
     print(plan.table())
@@ -10,13 +11,22 @@ run, their batch shapes and their learning-rate curves. Pure Python, no torch.
 Rules, in one place:
 
 - Steps. The run has `total_tokens // tokens_per_step` optimizer steps (the remainder
-  of the budget is dropped). The patch phase gets lambda of those steps, rounded to the
-  nearest whole step (halves round up); the token phase the rest, and must not be empty.
+  of the budget is dropped). Patch stage i ends at its cumulative fraction of those steps,
+  rounded to the nearest whole step (halves round up; one stage: lambda of the steps); a
+  stage of patch.stages that rounds to no step is refused. The token phase gets the
+  rest, and must not be empty.
+- Batching. "tokens" (the paper): tokens per step equal in every phase, as below.
+  "sequences" (Token Superposition Training): every patch stage keeps the token phase's
+  sequences, micro-batch and accumulation, so a step reads K times the tokens at the same
+  FLOPs; total_tokens then counts token-step equivalents of compute.
+- Switches. Every boundary is one: the phase after it resets Adam's state when the
+  stage before it says reset_optimizer, and starts a new LR curve when it says rewarm
+  (otherwise the curve runs on over both phases).
 - K=1 or lambda=0 is a single token phase: a K=1 patch phase *is* token training, so
   treating it as one makes a K=1 run equal a plain token run step for step, with one LR
   curve and no optimizer reset.
-- Tokens per optimizer step are equal in both phases. A patch-phase sequence holds K*L
-  tokens (L patches), so the patch phase takes K times fewer sequences per step.
+- Tokens per optimizer step are equal in every phase (batching "tokens"). A patch-phase
+  sequence holds K*L tokens (L patches), so a patch phase takes K times fewer sequences.
 - Batch shape. The token phase uses train.micro_batch_size and gradient accumulation
   sequences / (micro x DP), which must be whole. The patch phase keeps the same
   micro-batch -- the transformer sees L positions per sequence in both phases, so
