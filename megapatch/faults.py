@@ -16,8 +16,9 @@
                                         wrote its data, before it is complete
     MEGAPATCH_FAULT_RANKS=1             restrict kills, hangs and write errors to these global
                                         ranks (default: all)
-    MEGAPATCH_RECORD_DATA_CRC=1         log a CRC of each step's batches (rank 0's slice), so
-                                        tests can prove a resumed run read the same windows
+    MEGAPATCH_RECORD_DATA_CRC=1         log a checksum of each step's global batch (the sum of
+                                        its windows' CRC-32, the same at any DP size), so tests
+                                        can prove a resumed run read the same windows
 
 Unset, every hook is a no-op costing one dict lookup.
 """

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megapatch import faults
+from megapatch.checkpoint.reshard import is_universal
 from megapatch.checkpoint.safe_load import safe_load
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
@@ -193,6 +194,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16)."""
+    opt = engine.optimizer
+    while getattr(opt, "optimizer", None) not in (None, opt):
+        opt = opt.optimizer
+    return opt
+
+
+def _group_hyperparams(engine) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in group.items() if k != "params"}
+        for group in _base_optimizer(engine).param_groups
+    ]
 
 
 @dataclass
@@ -377,6 +393,10 @@ class CheckpointManager:
         """Load weights and optimizer state into `engine` and restore this rank's RNG;
         returns this rank's own state. The client state is not parsed here: a resume reads
         it once, beforehand (`resume.resume_point`)."""
+        # DeepSpeed's ZeRO-3 loader of a universal checkpoint (reshard.py) gives every
+        # optimizer group the first group's hyperparameters (weight decay on norm gains):
+        # keep the run's own, which are the saved run's (same config identity).
+        groups = _group_hyperparams(engine) if is_universal(checkpoint.path) else None
         try:
             _, client_state = engine.load_checkpoint(
                 str(checkpoint.path.parent),
@@ -392,6 +412,9 @@ class CheckpointManager:
             ) from exc
         if client_state is None:
             raise CheckpointError(f"checkpoint {checkpoint.path} could not be read by DeepSpeed")
+        if groups is not None:
+            for group, saved in zip(_base_optimizer(engine).param_groups, groups, strict=True):
+                group.update(saved)
         rank = dist.get_rank() if dist.is_initialized() else 0
         rank_file = checkpoint.path / "megapatch" / f"rank_{rank:05d}.pt"
         rank_state: dict[str, Any] = {}

@@ -97,6 +97,13 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
             "torch optimizer, which DeepSpeed's universal checkpoint neither converts nor loads; "
             f"{keep}, or use ZeRO-1 on both sides"
         )
+    if saved.zero == 3:
+        # DeepSpeed 0.19's converter writes no Adam step per parameter for ZeRO-3 (the
+        # ZeRO-1/2 loader would restart bias correction) nor its vocabulary padding.
+        raise CheckpointError(
+            f"checkpoint {where} ({saved}) cannot be resharded to {target}: a ZeRO-3 "
+            f"checkpoint does not reshard yet; {keep}"
+        )
     for side in (saved, target):
         if side.zero == 3 and side.tp > 1:
             # DeepSpeed's converter and loader split ZeRO-3 TP shards only by its AutoTP
@@ -218,15 +225,22 @@ def convert(
     check_files(sorted(step_dir.glob("*.pt")))
     tmp = out.with_name(f"{_TMP_PREFIX}{out.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
+    # The converter writes `latest_universal` beside its output folder: nest the output
+    # in our temporary folder, so nothing is written beside the original.
+    data = tmp / "universal"
     try:
         tmp.mkdir(parents=True)
-        _run_converter(step_dir, tmp, workers=workers, bar=bar)
+        _run_converter(step_dir, data, workers=workers, bar=bar)
         faults.maybe_kill_in_reshard(step)
-        shutil.copytree(step_dir / "megapatch", tmp / "megapatch", dirs_exist_ok=True)
-        faults.check_write(tmp / "COMPLETE", step)
-        (tmp / UNIVERSAL_MARKER).write_text(f"{step_dir.resolve()}\n")
-        (tmp / "COMPLETE").write_text(f"{step}\n")
-        os.replace(tmp, out)
+        _name_model_states_for_every_stage(data)
+        _add_stage3_common_state(data)
+        if (step_dir / "megapatch").is_dir():  # per-rank RNG: kept for the ranks that remain
+            shutil.copytree(step_dir / "megapatch", data / "megapatch")
+        faults.check_write(data / "COMPLETE", step)
+        (data / UNIVERSAL_MARKER).write_text(f"{step_dir.resolve()}\n")
+        (data / "COMPLETE").write_text(f"{step}\n")
+        os.replace(data, out)
+        shutil.rmtree(tmp)
     except (OSError, RuntimeError, AssertionError, ValueError, KeyError, IndexError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -234,6 +248,48 @@ def convert(
             "intact and resumable in its own layout, and nothing of the reshard was kept"
         ) from exc
     return ReshardResult(out, time.perf_counter() - t0, _tree_bytes(out), reused=False)
+
+
+def _name_model_states_for_every_stage(folder: Path) -> None:
+    """DeepSpeed looks for a universal checkpoint's model states under the names of the
+    *loading* engine's ZeRO stage (ZeRO-3: zero_pp_rank_0_mp_rank_XX_model_states.pt,
+    others: mp_rank_XX_model_states.pt); the converter keeps the saving stage's names.
+    Give TP rank r's file both names (a hard link where the filesystem allows)."""
+    for src in sorted(folder.glob("*model_states.pt")):
+        m = re.fullmatch(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt", src.name)
+        if m is None or (m.group(1) not in (None, "0")):
+            continue
+        tp = m.group(2)
+        for name in (
+            f"mp_rank_{tp}_model_states.pt",
+            f"zero_pp_rank_0_mp_rank_{tp}_model_states.pt",
+        ):
+            dst = folder / name
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+
+
+def _add_stage3_common_state(folder: Path) -> None:
+    """The ZeRO-3 loader reads the Adam step and the group hyperparameters from
+    zero/optimizer_state.pt in the form ZeRO-3's converter writes; a ZeRO-1/2 source's has
+    them elsewhere (the step per parameter): add that form, so ZeRO-3 can load it too."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    from megapatch.checkpoint.safe_load import safe_load
+
+    file = folder / "zero" / "optimizer_state.pt"
+    common = safe_load(file)
+    if OPTIMIZER_STATE_DICT in common:
+        return
+    step = safe_load(next((folder / "zero").glob("*/step.pt")))
+    common[OPTIMIZER_STATE_DICT] = {
+        "state": {0: {"step": step}},
+        PARAM_GROUPS: common[PARAM_GROUPS],
+    }
+    torch.save(common, file)
 
 
 def _reason(exc: BaseException) -> str:

@@ -272,6 +272,29 @@ def run_summary(progress, plan, status: str, final_eval: dict | None, failed_sav
     return summary
 
 
+def data_crc(batch) -> int:
+    """A checksum of a micro-batch's windows: the sum of each window's CRC-32, so that of a
+    global batch (summed over the DP ranks, `global_data_crc`) does not depend on the split."""
+    import zlib
+
+    return sum(zlib.crc32(row.tobytes()) for row in batch.cpu().numpy())
+
+
+def global_data_crc(local: int | None, device) -> int | None:
+    """`local` (this rank's `data_crc` sum; None: not recorded) summed over the DP ranks,
+    so it is the global batch's whatever the DP size. Every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    from megapatch import parallel
+
+    if local is None or not dist.is_initialized() or parallel.get_data_parallel_world_size() == 1:
+        return local
+    total = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(total, group=parallel.get_data_parallel_group())
+    return int(total.item())
+
+
 def step_record(
     progress,
     plan,

@@ -12,7 +12,6 @@ and window, the optimizer reset the plan asks for, K and the target weights).
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from megapatch.training.metrics import (
     MetricsWriter,
     ProgressReport,
     StepLog,
+    data_crc,
+    global_data_crc,
     peak_flops_per_second,
     run_summary,
     step_record,
@@ -215,7 +216,7 @@ class Trainer:
         for micro in range(phase.grad_accum):
             batch = next(batches)
             if self.step_crc is not None:
-                self.step_crc = zlib.crc32(batch.cpu().numpy().tobytes(), self.step_crc)
+                self.step_crc += data_crc(batch)
             engine.set_gradient_accumulation_boundary(micro == phase.grad_accum - 1)
             loss = engine(batch[:, :-k], batch[:, k:], patch_size=k, position_weights=weights)
             if faults.nan_at(self.progress.global_step):
@@ -315,7 +316,7 @@ class Trainer:
                     loss=loss,
                     grad_norm=grad_norm,
                     dt=dt,
-                    data_crc=self.step_crc,
+                    data_crc=global_data_crc(self.step_crc, self.env.device),
                     peak_flops=self.peak,
                     world_size=self.env.world_size,
                 )

@@ -1,10 +1,11 @@
 """Elastic resume end to end: a checkpoint of one parallel layout continued in another.
 
 One uninterrupted single-process run (30 steps: 20 patch, the switch, 10 token) is the
-reference; source runs of other layouts stop at step 21 with checkpoints at 18 (before
-the switch) and 21 (after it); each case resumes one of them in another layout for 9
-steps and must match the reference: losses (1e-4 relative), the data CRCs of every step,
-and the full optimizer state at the end (Adam step, both moments, master weights).
+reference and a source (checkpoints at 18, before the switch, and 21, after it); a
+TP2 x DP2 run to step 21 is another, and the first case's DP2 ZeRO-2 run a third. Each
+case resumes one of them in another layout for 9 or 10 steps and must match the
+reference: losses (1e-4 relative), the data checksums and LR of every step, and the full
+optimizer state at the end (Adam step, both moments, master weights, per parameter).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ SWITCH = 20
 
 TP2 = "parallel.tensor_model_parallel_size=2"
 Z = "parallel.zero_stage={}".format
-SOURCES = {  # name: (overrides, nproc)
-    "dp2-z2": ([Z(2)], 2),
-    "tp2-dp2-z1": ([TP2], 4),
-}
+SOURCES = {"tp2-dp2-z1": ([TP2], 4)}  # name: (overrides, nproc)
 
 
 def _step_dir(run_dir: Path, step: int) -> Path:
@@ -144,37 +142,32 @@ def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_take
     assert "nothing to do" in capsys.readouterr().out
 
 
-CASES = [  # source, resume step, target overrides, nproc
-    ("dp2-z2", 18, [Z(1)], 1),  # DP2 -> DP1 (ZeRO-2 -> 1), before the switch
-    ("dp2-z2", 21, [Z(2)], 1),  # DP2 -> DP1 under ZeRO-2, after it
-    ("dp2-z2", 18, [Z(3)], 1),  # DP2 ZeRO-2 -> DP1 ZeRO-3
-    ("ref", 21, [Z(1)], 2),  # DP1 -> DP2 under ZeRO-1
-    ("ref", 18, [Z(2)], 2),  # DP1 ZeRO-1 -> DP2 ZeRO-2
-    ("ref", 21, [TP2], 2),  # TP1 -> TP2
-    ("tp2-dp2-z1", 18, [], 1),  # TP2 x DP2 -> TP1 x DP1
-    ("tp2-dp2-z1", 21, [], 4),  # TP2 x DP2 -> TP1 x DP4
-]
-IDS = [
-    "dp2z2-dp1z1@18",
-    "dp2z2-dp1z2@21",
-    "dp2z2-dp1z3@18",
-    "dp1-dp2z1@21",
-    "dp1z1-dp2z2@18",
-    "tp1-tp2@21",
-    "tp2dp2-tp1dp1@18",
-    "tp2dp2-tp1dp4@21",
-]
+# name: (source run, its checkpoint, target overrides, nproc, last step). "dp2-z2" is the
+# run of the first case: its checkpoints are the DP2 ZeRO-2 sources of the next two.
+CASES = {
+    "dp2-z2": ("ref", 18, [Z(2)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-2, before the switch
+    "dp2z2-dp1z3@20": ("dp2-z2", 20, [Z(3)], 1, 30),  # DP2 ZeRO-2 -> DP1 ZeRO-3, at the switch
+    "dp2z2-dp1z2@21": ("dp2-z2", 21, [Z(2)], 1, 30),  # DP2 -> DP1 under ZeRO-2, after it
+    "dp1-dp2z1@21": ("ref", 21, [Z(1)], 2, 30),  # DP1 -> DP2 under ZeRO-1
+    "tp1-tp2@21": ("ref", 21, [TP2], 2, 30),  # TP1 -> TP2
+    "tp2dp2-tp1dp1@18": ("tp2-dp2-z1", 18, [], 1, 27),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
+    "tp2dp2-tp1dp4@21": ("tp2-dp2-z1", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
+}
+_RESUMED: dict[str, Path] = {}
 
 
-@pytest.mark.parametrize("source, step, target, nproc", CASES, ids=IDS)
+@pytest.mark.parametrize("case", list(CASES))
 def test_resume_in_another_layout_continues_exactly(
-    sources, reference, tiny_corpus, tmp_path, source, step, target, nproc
+    sources, reference, tiny_corpus, tmp_path_factory, case
 ):
-    original = _step_dir(sources[source], step)
+    source, step, target, nproc, end = CASES[case]
+    if source in CASES and source not in _RESUMED:
+        pytest.skip(f"its source, case {source}, did not run")
+    original = _step_dir(_RESUMED.get(source) or sources[source], step)
     before = _digest(original)
     stale = _stale(original)  # a killed reshard's (test_a_reshard_that_fails_midway...)
+    tmp_path = tmp_path_factory.mktemp(case)
     run_dir = tmp_path / "run"
-    end = step + 9
     proc = run_train(
         tiny_corpus,
         run_dir,
@@ -192,12 +185,14 @@ def test_resume_in_another_layout_continues_exactly(
     resumed = train_records(run_dir)
     expected = [r for r in train_records(reference) if step < r["step"] <= end]
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]
-    assert any(r["step"] <= SWITCH for r in resumed) == (step < SWITCH)
+    assert len(resumed) >= 8 and resumed[0]["phase"] == ("patch" if step < SWITCH else "token")
     np.testing.assert_allclose(
         [r["loss"] for r in resumed], [r["loss"] for r in expected], rtol=1e-4
     )
+    # the same windows step by step (the checksum of the global batch, at any DP size)
     assert [r["data_crc"] for r in resumed] == [r["data_crc"] for r in expected]
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
+    _RESUMED[case] = run_dir
 
     # The whole optimizer state carried over: at the end, equal to the reference's.
     got = _universal_state(_step_dir(run_dir, end), tmp_path / "got.universal")
@@ -208,7 +203,7 @@ def test_resume_in_another_layout_continues_exactly(
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             a, b = got[name][key], want[name][key]
             assert a.shape == b.shape, (name, key)
-            assert float(a.norm()) == pytest.approx(float(b.norm()), rel=1e-3, abs=1e-12), (
+            assert float(a.detach().norm()) == pytest.approx(float(b.detach().norm()), rel=1e-3), (
                 name,
                 key,
             )
