@@ -40,11 +40,11 @@ def test_resume_point_reads_the_client_state_once_and_checks_it(tmp_path):
     resume = resume_point(cfg, manager, IDENTITY)
     assert resume.checkpoint.step == 6 and resume.client_state.progress.global_step == 6
 
-    other_tp = {**IDENTITY, "tensor_model_parallel_size": 2}
+    other_model = {**IDENTITY, "model_config": {**IDENTITY["model_config"], "d_model": 64}}
     with pytest.raises(
-        CheckpointError, match="written with tensor_model_parallel_size=1, this run has 2"
+        CheckpointError, match="holds a different model: model.d_model=32 there, 64 here"
     ):
-        resume_point(cfg, manager, other_tp)
+        resume_point(cfg, manager, other_model)
     other_config = {**IDENTITY, "config_hash": "fedcba9876543210"}
     with pytest.raises(CheckpointError, match="belongs to a run with config hash 0123456789abcdef"):
         resume_point(cfg, manager, other_config)
