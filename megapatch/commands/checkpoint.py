@@ -17,16 +17,18 @@ from megapatch.commands.evaluate import CHECKPOINT_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    reshard = sub.add_parser("reshard", help="convert a checkpoint for another TP/DP/ZeRO layout")
-    reshard.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
-    reshard.add_argument(
+    # A plain positional, not subparsers: the CLI parses options intermixed with positionals.
+    parser.add_argument(
+        "action", choices=["reshard"], help="reshard: convert for another TP/DP/ZeRO layout"
+    )
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    parser.add_argument(
         "--out", help="output directory, new (default: STEP_DIR.universal beside the checkpoint)"
     )
-    reshard.add_argument("--tp", type=int, help="the TP size it will be resumed with")
-    reshard.add_argument("--dp", type=int, help="the DP size it will be resumed with")
-    reshard.add_argument("--zero-stage", type=int, help="the ZeRO stage it will be resumed with")
-    reshard.add_argument(
+    parser.add_argument("--tp", type=int, help="the TP size it will be resumed with")
+    parser.add_argument("--dp", type=int, help="the DP size it will be resumed with")
+    parser.add_argument("--zero-stage", type=int, help="the ZeRO stage it will be resumed with")
+    parser.add_argument(
         "--workers", type=int, help="converter processes (default: up to 4, the CPUs)"
     )
 

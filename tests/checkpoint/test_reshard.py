@@ -1,10 +1,9 @@
 """Elastic resume end to end: a checkpoint of one parallel layout continued in another.
 
 One uninterrupted single-process run (30 steps: 20 patch, the switch, 10 token) is the
-reference and a source (checkpoints at 18, before the switch, and 21, after it); a
-TP2 x DP2 run to step 21 is another, and the first case's DP2 ZeRO-2 run a third. Each
-case resumes one of them in another layout for 9 or 10 steps and must match the
-reference: losses (1e-4 relative), the data checksums and LR of every step, and the full
+reference; two cases resume its checkpoint of step 18 (before the switch) as DP2 ZeRO-2
+and as TP2 x DP2, and the others resume those runs' checkpoints at the switch (20) and
+after it (21) in further layouts. Each runs 9 or 10 steps and must match the reference: losses (1e-4 relative), the data checksums and LR of every step, and the full
 optimizer state at the end (Adam step, both moments, master weights, per parameter).
 """
 
@@ -28,7 +27,6 @@ SWITCH = 20
 
 TP2 = "parallel.tensor_model_parallel_size=2"
 Z = "parallel.zero_stage={}".format
-SOURCES = {"tp2-dp2-z1": ([TP2], 4)}  # name: (overrides, nproc)
 
 
 def _step_dir(run_dir: Path, step: int) -> Path:
@@ -51,24 +49,25 @@ def reference(tiny_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_corpus, tmp_path_factory, reference) -> dict[str, Path]:
-    runs = {"ref": reference}
-    for name, (overrides, nproc) in SOURCES.items():
-        run_dir = tmp_path_factory.mktemp(f"reshard-{name}") / "run"
-        run_train(tiny_corpus, run_dir, *LONGER, *overrides, "train.max_steps=21", nproc=nproc)
-        runs[name] = run_dir
-    return runs
+def sources(reference) -> dict[str, Path]:
+    return {"ref": reference}
 
 
 def _universal_state(step_dir: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{param: {fp32, exp_avg, exp_avg_sq, step}} of any checkpoint, through the converter."""
+    """{param: {fp32, exp_avg, exp_avg_sq, step}} of any checkpoint, through the converter
+    (from ZeRO-3 it writes bare flat tensors and keeps the step in the common state)."""
     convert(step_dir, out, step=int(step_dir.name.split("_")[1]))
+    common = torch.load(out / "zero" / "optimizer_state.pt", weights_only=False)
     state = {}
     for param_dir in sorted(p for p in (out / "zero").iterdir() if p.is_dir()):
         entry = {}
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            entry[key] = torch.load(param_dir / f"{key}.pt", weights_only=False)["param"]
-        entry["step"] = float(torch.load(param_dir / "step.pt", weights_only=False))
+            saved = torch.load(param_dir / f"{key}.pt", weights_only=False)
+            entry[key] = (saved["param"] if isinstance(saved, dict) else saved).detach()
+        if (param_dir / "step.pt").is_file():
+            entry["step"] = float(torch.load(param_dir / "step.pt", weights_only=False))
+        else:
+            entry["step"] = float(common["optimizer_state_dict"]["state"][0]["step"])
         state[param_dir.name] = entry
     return state
 
@@ -85,7 +84,7 @@ def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsy
     from megapatch.checkpoint.full_weights import read_checkpoint
     from tests.fixtures import REPO, run_cli, spawned_training_env
 
-    original = _step_dir(sources["ref"], 21)
+    original = _step_dir(sources["ref"], 18)
     before = _digest(original)
     # Killed once it wrote its data, before it is complete: a partial folder under a
     # temporary name, which nothing loads (the next resume removes it).
@@ -94,14 +93,14 @@ def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsy
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=spawned_training_env(MEGAPATCH_FAULT_KILL_IN_RESHARD="21"),
+        env=spawned_training_env(MEGAPATCH_FAULT_KILL_IN_RESHARD="18"),
         timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert _stale(original) and not universal_dir(original).exists()
     # A full disk before it completes: one line, exit 2, nothing kept.
     out = tmp_path / "full.universal"
-    monkeypatch.setenv("MEGAPATCH_FAULT_SAVE_ERROR", "ENOSPC@21")
+    monkeypatch.setenv("MEGAPATCH_FAULT_SAVE_ERROR", "ENOSPC@18")
     assert run_cli("checkpoint", "reshard", original, "--out", out, "--dp", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("megapatch checkpoint: error: could not reshard"), err
@@ -116,42 +115,17 @@ def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsy
     assert os.listdir(original)
 
 
-def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_takes(
-    sources, tmp_path, capsys
-):
-    from megapatch.checkpoint.full_weights import read_checkpoint
-    from tests.fixtures import run_cli
-
-    original = _step_dir(sources["tp2-dp2-z1"], 18)
-    out = tmp_path / "resharded"
-    # TP=4 does not divide the 2 heads: refused before any work.
-    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "4") == 2
-    err = capsys.readouterr().err.strip()
-    assert "parallel.tensor_model_parallel_size=4, expected a divisor of model.n_heads=2" in err
-    assert "\n" not in err and not out.exists()
-
-    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "1", "--dp", "4") == 0
-    said = capsys.readouterr().out
-    assert "(TP=2 x DP=2, ZeRO-1) for TP=1 x DP=4, ZeRO-1" in said and f"train.resume={out}" in said
-    # eval / export / generate read it as the same model
-    a, b = read_checkpoint(original), read_checkpoint(out)
-    assert a.step == b.step == 18 and a.state_dict.keys() == b.state_dict.keys()
-    for name, weight in a.state_dict.items():
-        torch.testing.assert_close(b.state_dict[name], weight, rtol=0, atol=0)
-    assert run_cli("checkpoint", "reshard", original, "--out", out) == 0  # reused
-    assert "nothing to do" in capsys.readouterr().out
-
-
-# name: (source run, its checkpoint, target overrides, nproc, last step). "dp2-z2" is the
-# run of the first case: its checkpoints are the DP2 ZeRO-2 sources of the next two.
+# name: (source, its checkpoint, target overrides, nproc, last step). A source that is a
+# case is that case's resumed run: "dp2-z2" and "tp2-dp2" (both from the reference at step
+# 18, before the switch) are the sources of the cases after them, at the switch (20) and
+# after it (21).
 CASES = {
-    "dp2-z2": ("ref", 18, [Z(2)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-2, before the switch
-    "dp2z2-dp1z3@20": ("dp2-z2", 20, [Z(3)], 1, 30),  # DP2 ZeRO-2 -> DP1 ZeRO-3, at the switch
-    "dp2z2-dp1z2@21": ("dp2-z2", 21, [Z(2)], 1, 30),  # DP2 -> DP1 under ZeRO-2, after it
-    "dp1-dp2z1@21": ("ref", 21, [Z(1)], 2, 30),  # DP1 -> DP2 under ZeRO-1
-    "tp1-tp2@21": ("ref", 21, [TP2], 2, 30),  # TP1 -> TP2
-    "tp2dp2-tp1dp1@18": ("tp2-dp2-z1", 18, [], 1, 27),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
-    "tp2dp2-tp1dp4@21": ("tp2-dp2-z1", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
+    "dp2-z2": ("ref", 18, [Z(2)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-2
+    "dp2z2-dp1z3@20": ("dp2-z2", 20, [Z(3)], 1, 30),  # DP2 ZeRO-2 -> DP1 ZeRO-3
+    "dp2z2-dp1z2@21": ("dp2-z2", 21, [Z(2)], 1, 30),  # DP2 -> DP1 under ZeRO-2
+    "tp2-dp2": ("ref", 18, [TP2], 4, 27),  # TP1 -> TP2 and DP1 -> DP2 under ZeRO-1
+    "tp2dp2-tp1dp1@20": ("tp2-dp2", 20, [], 1, 30),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
+    "tp2dp2-tp1dp4@21": ("tp2-dp2", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
 }
 _RESUMED: dict[str, Path] = {}
 
@@ -202,10 +176,33 @@ def test_resume_in_another_layout_continues_exactly(
         assert got[name]["step"] == want[name]["step"], name
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             a, b = got[name][key], want[name][key]
-            assert a.shape == b.shape, (name, key)
-            assert float(a.detach().norm()) == pytest.approx(float(b.detach().norm()), rel=1e-3), (
-                name,
-                key,
-            )
+            assert a.numel() == b.numel(), (name, key)
+            assert float(a.norm()) == pytest.approx(float(b.norm()), rel=1e-3), (name, key)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] in ("completed", "max_steps")
+
+
+def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_takes(tmp_path, capsys):
+    from megapatch.checkpoint.full_weights import read_checkpoint
+    from tests.fixtures import run_cli
+
+    if "tp2-dp2" not in _RESUMED:
+        pytest.skip("its source, case tp2-dp2, did not run")
+    original = _step_dir(_RESUMED["tp2-dp2"], 24)
+    out = tmp_path / "resharded"
+    # TP=4 does not divide the 2 heads: refused before any work.
+    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "4") == 2
+    err = capsys.readouterr().err.strip()
+    assert "parallel.tensor_model_parallel_size=4, expected a divisor of model.n_heads=2" in err
+    assert "\n" not in err and not out.exists()
+
+    assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "1", "--dp", "4") == 0
+    said = capsys.readouterr().out
+    assert "(TP=2 x DP=2, ZeRO-1) for TP=1 x DP=4, ZeRO-1" in said and f"train.resume={out}" in said
+    # eval / export / generate read it as the same model
+    a, b = read_checkpoint(original), read_checkpoint(out)
+    assert a.step == b.step == 24 and a.state_dict.keys() == b.state_dict.keys()
+    for name, weight in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[name], weight, rtol=0, atol=0)
+    assert run_cli("checkpoint", "reshard", original, "--out", out) == 0  # reused
+    assert "nothing to do" in capsys.readouterr().out
