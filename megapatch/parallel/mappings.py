@@ -51,44 +51,30 @@ def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _CopyToModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad)
-
-
-class _ReduceFromModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def _mapping(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd mapping: `forward` on the activation, `backward` on its gradient."""
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(lambda ctx, x: forward(x)),
+            "backward": staticmethod(lambda ctx, grad: backward(grad)),
+        },
+    )
 
 
-class _ScatterToModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-class _GatherFromModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _gather_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last_dim(grad)
+_CopyToModelParallelRegion = _mapping("_CopyToModelParallelRegion", _identity, _all_reduce)
+_ReduceFromModelParallelRegion = _mapping("_ReduceFromModelParallelRegion", _all_reduce, _identity)
+_ScatterToModelParallelRegion = _mapping(
+    "_ScatterToModelParallelRegion", _split_last_dim, _gather_last_dim
+)
+_GatherFromModelParallelRegion = _mapping(
+    "_GatherFromModelParallelRegion", _gather_last_dim, _split_last_dim
+)
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
@@ -153,14 +139,9 @@ def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     return out.movedim(0, SEQUENCE_DIM)
 
 
-class _ScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return split_sequence(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_sequence(grad)
+_ScatterToSequenceParallelRegion = _mapping(
+    "_ScatterToSequenceParallelRegion", split_sequence, all_gather_sequence
+)
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
@@ -178,14 +159,9 @@ class _GatherFromSequenceParallelRegion(torch.autograd.Function):
         return split_sequence(grad), None
 
 
-class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return reduce_scatter_sequence(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_sequence(grad)
+_ReduceScatterToSequenceParallelRegion = _mapping(
+    "_ReduceScatterToSequenceParallelRegion", reduce_scatter_sequence, all_gather_sequence
+)
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
