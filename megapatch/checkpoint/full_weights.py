@@ -32,7 +32,7 @@ import torch
 
 from megapatch.checkpoint.client_state import ClientState, load_model_states
 from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
-from megapatch.checkpoint.reshard import is_universal, read_universal_weights
+from megapatch.checkpoint.reshard import VOCAB_WEIGHTS, is_universal, read_universal_weights
 from megapatch.checkpoint.safe_load import check_files
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
@@ -41,8 +41,6 @@ from megapatch.parallel import get_tensor_model_parallel_rank, get_tensor_model_
 
 log = get_logger("checkpoint")
 
-# Weights whose rows are the vocabulary: padded for TP in a model, unpadded in a full state dict.
-VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -44,6 +44,9 @@ from megapatch.logging_utils import get_logger
 
 log = get_logger("reshard")
 
+# Weights whose rows are the vocabulary: padded for TP in a model, unpadded in a full
+# state dict (full_weights.py) and in a universal checkpoint.
+VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 UNIVERSAL_SUFFIX = ".universal"
 UNIVERSAL_MARKER = (
     "UNIVERSAL"  # in a converted folder, beside COMPLETE: which checkpoint it came from
@@ -135,8 +138,6 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict[str, Any]:
     and the vocabulary weights whose TP padding the converter strips."""
     from deepspeed.checkpoint import constants as c
 
-    from megapatch.checkpoint.full_weights import VOCAB_WEIGHTS
-
     replicated, columns, vocabulary = [], [], []
     for name, param in model.named_parameters():
         pattern = f"^{re.escape(name)}$"
@@ -190,7 +191,13 @@ class ReshardResult:
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes on disk under `path`, each hard-linked file once."""
+    sizes = {}
+    for f in path.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 class _Progress(io.TextIOBase):
