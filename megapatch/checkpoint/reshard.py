@@ -346,7 +346,8 @@ def reshard_for_resume(step_dir: Path, client: ClientState, target: Layout) -> P
     failed = out.with_name(f"{_TMP_PREFIX}{out.name}.failed")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
-        failed.unlink(missing_ok=True)  # an earlier attempt's
+        with contextlib.suppress(OSError):
+            failed.unlink(missing_ok=True)  # an earlier attempt's
     if dist.is_initialized():
         dist.barrier()
     if rank0:
@@ -354,9 +355,10 @@ def reshard_for_resume(step_dir: Path, client: ClientState, target: Layout) -> P
         try:
             if saved.tp > 1 and not has_tp_layout(step_dir) and not is_complete(out):
                 raise CheckpointError(
-                    f"checkpoint {step_dir} predates megapatch's record of its TP layout; it reshards "
-                    f"only at its own TP size {saved.tp}: resume it with "
-                    f"parallel.tensor_model_parallel_size={saved.tp}"
+                    f"checkpoint {step_dir} ({saved}) predates megapatch's record of its TP "
+                    f"layout, so its TP shards cannot be merged for {target}: resume it as it "
+                    f"was written (parallel.tensor_model_parallel_size={saved.tp}, "
+                    f"parallel.zero_stage={saved.zero}, {saved.tp * saved.dp} ranks)"
                 )
             remove_stale(step_dir.parent)
             result = convert(step_dir, out, step=client.step)
