@@ -77,7 +77,9 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
+    # Earlier invocations' results stay (another budget or seed); this one's replace theirs.
+    saved = out / "results.json"
+    results: dict = json.loads(saved.read_text()) if saved.is_file() else {}
     for budget in args.budgets:
         for seed in args.seeds:
             jobs = jobs_for(out, args.data, budget, seed)
@@ -93,7 +95,9 @@ def main() -> int:
             )
             print(report["table"])
             for arm, summary in summaries.items():
-                results.setdefault(str(budget), {}).setdefault(arm, []).append(
+                runs = results.setdefault(str(budget), {}).setdefault(arm, [])
+                runs[:] = [r for r in runs if r["seed"] != seed]
+                runs.append(
                     {
                         "seed": seed,
                         "val_loss": summary["val_loss"],
@@ -103,7 +107,7 @@ def main() -> int:
                         "shape": stage_shape(jobs[arm][0]),
                     }
                 )
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     return 0
 
@@ -118,7 +122,7 @@ def table(results: dict) -> str:
         base_flops = arms["token"][0]["flops"]
         for arm, runs in arms.items():
             mean = statistics.mean(r["val_loss"] for r in runs)
-            losses = " / ".join(f"{r['val_loss']:.4f}" for r in runs)
+            losses = ", ".join(f"{r['val_loss']:.4f} (seed {r['seed']})" for r in runs)
             wall = statistics.mean(r["wall_time_s"] for r in runs)
             rows.append(
                 f"| {int(budget):,} | {arm} | {losses} | {mean:.4f} | {mean - base:+.4f} | "
