@@ -20,7 +20,8 @@ import torch
 from megapatch.checkpoint.reshard import convert, universal_dir
 from tests.training.conftest import run_train, train_records
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+# The cases resume each other's runs, in file order: one xdist worker runs them all.
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.xdist_group("reshard")]
 
 LONGER = ["train.total_tokens=7680", "eval.interval=0"]  # 20 patch + 10 token steps
 SWITCH = 20
@@ -127,21 +128,23 @@ CASES = {
     "tp2dp2-tp1dp1@20": ("tp2-dp2", 20, [], 1, 30),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
     "tp2dp2-tp1dp4@21": ("tp2-dp2", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
 }
-_RESUMED: dict[str, Path] = {}
+_RESUMED: dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_resume_in_another_layout_continues_exactly(
-    sources, reference, tiny_corpus, tmp_path_factory, case
-):
+def _resume(case, sources, tiny_corpus, tmp_path_factory) -> dict:
+    """Run `case` once per process (its source case first, if it has one), whatever order
+    the tests run in; returns what its test checks."""
+    if case in _RESUMED:
+        return _RESUMED[case]
     source, step, target, nproc, end = CASES[case]
-    if source in CASES and source not in _RESUMED:
-        pytest.skip(f"its source, case {source}, did not run")
-    original = _step_dir(_RESUMED.get(source) or sources[source], step)
+    if source in CASES:
+        source_dir = _resume(source, sources, tiny_corpus, tmp_path_factory)["run_dir"]
+    else:
+        source_dir = sources[source]
+    original = _step_dir(source_dir, step)
     before = _digest(original)
     stale = _stale(original)  # a killed reshard's (test_a_reshard_that_fails_midway...)
-    tmp_path = tmp_path_factory.mktemp(case)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp(case) / "run"
     proc = run_train(
         tiny_corpus,
         run_dir,
@@ -151,7 +154,19 @@ def test_resume_in_another_layout_continues_exactly(
         f"train.max_steps={end}",
         nproc=nproc,
     )
-    assert _digest(original) == before, "the original checkpoint was modified"
+    _RESUMED[case] = dict(run_dir=run_dir, proc=proc, original=original, before=before, stale=stale)
+    return _RESUMED[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_in_another_layout_continues_exactly(
+    sources, reference, tiny_corpus, tmp_path_factory, case
+):
+    source, step, target, nproc, end = CASES[case]
+    run = _resume(case, sources, tiny_corpus, tmp_path_factory)
+    run_dir, proc, original, stale = run["run_dir"], run["proc"], run["original"], run["stale"]
+    tmp_path = run_dir.parent
+    assert _digest(original) == run["before"], "the original checkpoint was modified"
     assert (universal_dir(original) / "COMPLETE").is_file()
     assert "resharded" in proc.stderr or "reusing" in proc.stderr, proc.stderr[-3000:]
     assert not any(p.exists() for p in stale) and not _stale(original)
@@ -166,7 +181,6 @@ def test_resume_in_another_layout_continues_exactly(
     # the same windows step by step (the checksum of the global batch, at any DP size)
     assert [r["data_crc"] for r in resumed] == [r["data_crc"] for r in expected]
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
-    _RESUMED[case] = run_dir
 
     # The whole optimizer state carried over: at the end, equal to the reference's.
     got = _universal_state(_step_dir(run_dir, end), tmp_path / "got.universal")
@@ -182,13 +196,14 @@ def test_resume_in_another_layout_continues_exactly(
     assert summary["status"] in ("completed", "max_steps")
 
 
-def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_takes(tmp_path, capsys):
+def test_reshard_command_refuses_first_and_writes_a_checkpoint_every_reader_takes(
+    sources, tiny_corpus, tmp_path_factory, tmp_path, capsys
+):
     from megapatch.checkpoint.full_weights import read_checkpoint
     from tests.fixtures import run_cli
 
-    if "tp2-dp2" not in _RESUMED:
-        pytest.skip("its source, case tp2-dp2, did not run")
-    original = _step_dir(_RESUMED["tp2-dp2"], 24)
+    source = _resume("tp2-dp2", sources, tiny_corpus, tmp_path_factory)["run_dir"]
+    original = _step_dir(source, 24)
     out = tmp_path / "resharded"
     # TP=4 does not divide the 2 heads: refused before any work.
     assert run_cli("checkpoint", "reshard", original, "--out", out, "--tp", "4") == 2
