@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megapatch.checkpoint.client_state import ClientState, read_client_state
-from megapatch.checkpoint.manager import CheckpointInfo, CheckpointManager
+from megapatch.checkpoint.manager import CheckpointInfo, CheckpointManager, _from_rank0, _is_rank0
 from megapatch.checkpoint.reshard import (
     Layout,
     check_can_reshard,
@@ -83,11 +83,27 @@ def resume_point(
         path = info.path
         if not is_universal(path):
             path = reshard_for_resume(info.path, saved, Layout.of(identity))
-        check_files(sorted(path.glob("*.pt")) + sorted(path.glob("zero/**/*.pt")))
+        _check_files_once(sorted(path.glob("*.pt")) + sorted(path.glob("zero/**/*.pt")))
         return Resume(CheckpointInfo(path.name, saved.step, path), saved, universal=True)
     # DeepSpeed unpickles these without restrictions; refuse any with foreign types first.
-    check_files(sorted(info.path.glob("*.pt")) + sorted((info.path / "megapatch").glob("*.pt")))
+    _check_files_once(
+        sorted(info.path.glob("*.pt")) + sorted((info.path / "megapatch").glob("*.pt"))
+    )
     return Resume(info, saved)
+
+
+def _check_files_once(files: list[Path]) -> None:
+    """`check_files` on rank 0 alone, its verdict on every rank: the checkpoint directory is
+    shared, and every rank reading every rank's files would be world x files reads."""
+    error = None
+    if _is_rank0():
+        try:
+            check_files(files)
+        except CheckpointError as exc:
+            error = str(exc)
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
 
 
 def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -104,14 +104,18 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
 SEQUENCE_DIM = 1
 
 
-def split_sequence(x: torch.Tensor) -> torch.Tensor:
-    world_size = get_tensor_model_parallel_world_size()
-    if world_size == 1:
-        return x
+def _check_sequence_splits(x: torch.Tensor, world_size: int) -> None:
     if x.shape[SEQUENCE_DIM] % world_size != 0:
         raise ValueError(
             f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by the TP size {world_size}"
         )
+
+
+def split_sequence(x: torch.Tensor) -> torch.Tensor:
+    world_size = get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return x
+    _check_sequence_splits(x, world_size)
     return x.chunk(world_size, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
 
 
@@ -129,10 +133,7 @@ def reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
     world_size = get_tensor_model_parallel_world_size()
     if world_size == 1:
         return x
-    if x.shape[SEQUENCE_DIM] % world_size != 0:
-        raise ValueError(
-            f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by the TP size {world_size}"
-        )
+    _check_sequence_splits(x, world_size)
     x = x.movedim(SEQUENCE_DIM, 0).contiguous()
     out = x.new_empty((x.shape[0] // world_size, *x.shape[1:]))
     dist.reduce_scatter_tensor(out, x, group=get_tensor_model_parallel_group())

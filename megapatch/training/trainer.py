@@ -106,7 +106,17 @@ class Trainer:
         self.model_config = GPTConfig.from_run_config(cfg, self.vocab_size)
         # Which checkpoint to continue from, and whether this run can: known before the
         # (possibly long) model build, so a mismatch fails at once.
-        self.resume_from = resume_point(cfg, self.ckpt, self._identity())
+        # What a checkpoint must share with this run to be resumed by it (the model, the
+        # data's tokenizer, the config identity, the parallel layout).
+        self.identity = {
+            "config_hash": cfg.config_hash(),
+            "model_config": asdict(self.model_config),
+            "tokenizer_sha256": self.corpus.tokenizer_sha256,
+            "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "data_parallel_size": self.dp_size,
+        }
+        self.resume_from = resume_point(cfg, self.ckpt, self.identity)
 
         model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
         if cfg.init.from_hf:
@@ -136,22 +146,10 @@ class Trainer:
         self.loader = None
 
     # -- state ----------------------------------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with this run to be resumed by it (the model, the
-        data's tokenizer, the config identity, the parallel layout)."""
-        return {
-            "config_hash": self.cfg.config_hash(),
-            "model_config": asdict(self.model_config),
-            "tokenizer_sha256": self.corpus.tokenizer_sha256,
-            "tensor_model_parallel_size": self.cfg.parallel.tensor_model_parallel_size,
-            "zero_stage": self.cfg.parallel.zero_stage,
-            "data_parallel_size": self.dp_size,
-        }
-
     def save(self, reason: str, *, final: bool = False) -> None:
         """Checkpoint now; SavePolicy says what a failure means (stop, or go on)."""
         step = self.progress.global_step
-        state = ClientState(self.progress, self.cfg.to_dict(), self._identity())
+        state = ClientState(self.progress, self.cfg.to_dict(), self.identity)
         try:
             path = self.ckpt.save(self.engine, step, state.to_engine(), rank_state={})
         except CheckpointWriteError as exc:
