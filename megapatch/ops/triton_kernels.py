@@ -287,3 +287,83 @@ def softmax_grad_kernel(
         grad_z.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (cols < out_cols)[None, :],
     )
+
+
+@triton.jit
+def softmax_rows_kernel(
+    z_ptr,  # [C, cols] logits of a chunk of rows (cuBLAS wrote them), any float dtype
+    g_ptr,  # [C, cols] out when GRAD: dLoss/dz in its own dtype; may be z_ptr (in place)
+    ids_ptr,  # [N, K] global target ids, -1 where ignored
+    kweights_ptr,  # [K] fp32 position weights w_k, read only when WEIGHTED
+    coef_ptr,  # [N] fp32 dLoss/dlse of each row, read when GRAD
+    scale_ptr,  # [1] fp32 dLoss/dz[y] of one unit-weight target, negated here; GRAD
+    lse_ptr,  # [N] fp32 the global logsumexp, read when GRAD without STATS
+    max_ptr,  # [N] fp32, written when STATS: the row's max over this shard's columns
+    sum_ptr,  # [N] fp32, written when STATS: Σ exp(z − max) over them
+    target_ptr,  # [N] fp32, written when STATS: Σ_k (w_k·) z[y_k] over in-shard targets
+    row_start,  # the chunk's first row: the row index into ids, coef and the [N] outputs
+    cols,  # real (unpadded) columns of this shard: the width of z and g
+    vocab_start,
+    K: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    STATS: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row of a chunk whose logits cuBLAS already computed: the memory-bound
+    softmax part of the loss, so the three big products all stay in cuBLAS.
+
+    STATS: one pass for the row's max, Σ exp and target logits. GRAD: one more pass writing
+    exp(z − lse)·coef − scale·Σ_k (w_k·)[col = y_k], i.e. the whole dLoss/dz of the row
+    (the one-hot part included, so the two products need no gather/scatter afterwards);
+    with STATS the lse is this row's own (single shard), else it is read from lse_ptr.
+    """
+    pid = tl.program_id(0)
+    row = (row_start + pid).to(tl.int64)
+    z_row = z_ptr + pid.to(tl.int64) * cols
+    offs = tl.arange(0, BLOCK_V)
+    if STATS:
+        run_max = float("-inf")
+        run_sum = 0.0
+        for c0 in range(0, cols, BLOCK_V):
+            cs = c0 + offs
+            z = tl.load(z_row + cs, mask=cs < cols, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            # No real column seen yet: max stays -inf; shift by 0 to avoid inf - inf.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            run_max = new_max
+        tl.store(max_ptr + row, run_max)
+        tl.store(sum_ptr + row, run_sum)
+        target = 0.0
+        for k in tl.static_range(K):
+            local = tl.load(ids_ptr + row * K + k) - vocab_start
+            ok = (local >= 0) & (local < cols)
+            picked = tl.load(z_row + local, mask=ok, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                picked = picked * tl.load(kweights_ptr + k)
+            target += picked
+        tl.store(target_ptr + row, target)
+        lse = run_max + tl.log(run_sum)
+    else:
+        lse = tl.load(lse_ptr + row)
+    if GRAD:
+        if STATS:
+            # In place, a thread may overwrite the target logit another has yet to read.
+            tl.debug_barrier()
+        coef = tl.load(coef_ptr + row)
+        scale = tl.load(scale_ptr)
+        g_row = g_ptr + pid.to(tl.int64) * cols
+        for c0 in range(0, cols, BLOCK_V):
+            cs = c0 + offs
+            in_row = cs < cols
+            z = tl.load(z_row + cs, mask=in_row, other=float("-inf")).to(tl.float32)
+            g = tl.exp(z - lse) * coef
+            for k in tl.static_range(K):
+                # Ignored (-1) and other shards' targets never equal a column here.
+                local = tl.load(ids_ptr + row * K + k) - vocab_start
+                unit = scale
+                if WEIGHTED:
+                    unit = scale * tl.load(kweights_ptr + k)
+                g = tl.where(cs == local, g - unit, g)  # a duplicate id subtracts twice
+            tl.store(g_row + cs, g.to(g_ptr.dtype.element_ty), mask=in_row)

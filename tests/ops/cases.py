@@ -134,14 +134,21 @@ def largest_tensor(backend, n=256, v=500, d=16, k=4, weights=None):
 
     hidden, weight, targets = loss_inputs(n, v, d, k, seed=9)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    saved = chunked.LOGITS_PER_CHUNK
-    chunked.LOGITS_PER_CHUNK = 4096
+    modules = [(chunked, "LOGITS_PER_CHUNK", 4096)]
+    if backend == "triton":  # the cuBLAS modes' chunks: 4096 fp32 logits too
+        from megapatch.ops import triton_ops
+
+        modules.append((triton_ops, "CUBLAS_CHUNK_BYTES", 4096 * 4))
+    saved = [getattr(module, name) for module, name, _ in modules]
+    for module, name, value in modules:
+        setattr(module, name, value)
     try:
         with Largest():
             pw = _weights_tensor(weights)
             patch_loss(h, w, targets, position_weights=pw, backend=backend).backward()
     finally:
-        chunked.LOGITS_PER_CHUNK = saved
+        for (module, name, _), value in zip(modules, saved):
+            setattr(module, name, value)
     return Largest.nbytes, n * v * 4
 
 
@@ -159,15 +166,87 @@ def uniform_vs_unweighted(backend, scale):
     return abs(loss1.item() - loss0.item()) / loss0.item(), max(rel_err(h1, h0), rel_err(w1, w0))
 
 
-def loss_errors_with_backward(backend, mode, *args):
-    """loss_errors with the Triton loss's backward in `mode` ("gemm" or "atomic")."""
+def in_mode(backend, mode, case, *args):
+    """case(backend, *args) with the Triton loss in `mode` (one of triton_ops.BACKWARD_MODES)."""
     from megapatch.ops import triton_ops
 
     saved, triton_ops.BACKWARD = triton_ops.BACKWARD, mode
     try:
-        return loss_errors(backend, *args)
+        return case(backend, *args)
     finally:
         triton_ops.BACKWARD = saved
+
+
+def loss_errors_with_backward(backend, mode, *args):
+    """loss_errors with the Triton loss in `mode`."""
+    return in_mode(backend, mode, loss_errors, *args)
+
+
+def triton_modes(backend):
+    from megapatch.ops import triton_ops
+
+    return triton_ops.BACKWARD_MODES
+
+
+def no_grad_matches_grad(backend, weights=None):
+    """|loss under no_grad − loss with gradients| relative, and both relative to float64."""
+    hidden, weight, targets = loss_inputs(64, 200, 32, 4, seed=4)
+    pw = _weights_tensor(weights)
+    want, _, _ = loss_truth(hidden, weight, targets, position_weights=weights)
+    with torch.no_grad():
+        plain = patch_loss(hidden, weight, targets, position_weights=pw, backend=backend)
+    tracked = patch_loss(
+        hidden.clone().requires_grad_(), weight, targets, position_weights=pw, backend=backend
+    )
+    return [abs(x.item() - want.item()) / want.item() for x in (plain, tracked)]
+
+
+def backward_twice(backend):
+    """The error text of a second backward through one patch_loss, or None if it worked."""
+    hidden, weight, targets = loss_inputs(40, 100, 16, 2, seed=1)
+    h = hidden.requires_grad_()
+    loss = patch_loss(h, weight, targets, backend=backend)
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def unknown_mode(backend):
+    """The ConfigError text for an unknown Triton loss mode."""
+    from megapatch.errors import ConfigError
+
+    hidden, weight, targets = loss_inputs(8, 20, 4, 2, seed=1)
+    try:
+        in_mode(backend, "fast", lambda b: patch_loss(hidden, weight, targets, backend=b))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def fp32_accumulation_of_16bit_products(backend):
+    """Relative errors against float64 of the cuBLAS modes' fp32 grad_weight accumulation
+    (acc += a @ b, a and b bf16) and of their fp32-out product, through whichever path
+    this torch and device take (on the CPU: bf16 products of slices, summed in fp32)."""
+    from megapatch.ops import triton_ops
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 40, generator=g).bfloat16()
+    b = torch.randn(40, 24, generator=g).bfloat16()
+    acc = torch.randn(300, 24, generator=g)
+    want = acc.double() + a.double() @ b.double()
+    triton_ops._addmm_into(acc, a, b)
+    out = torch.empty(300, 24)
+    triton_ops._mm_into(out, a, b)
+    return rel_err(acc, want), rel_err(out, a.double() @ b.double())
+
+
+def cublas_chunk_rows(backend, n, cols, bytes_per_logit):
+    from megapatch.ops import triton_ops
+
+    return triton_ops._cublas_chunk_rows(n, cols, bytes_per_logit)
 
 
 # The last commit before position weights existed: position_weights=None must still

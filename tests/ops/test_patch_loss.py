@@ -36,11 +36,77 @@ def test_torch_many_ragged_chunks(run, fuse):
     _assert_close(run(cases.loss_errors, 252, 507, 123, 4, 500, 0.2, 7, 50, fuse))
 
 
+# Every way the Triton loss can get its gradient (triton_ops.BACKWARD_MODES).
+TRITON_MODES = ["atomic", "gemm", "recompute", "in-forward"]
+
+
 @pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+def test_triton_modes_are_all_tested(run):
+    assert list(run(cases.triton_modes)) == TRITON_MODES
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
 def test_triton_backward_modes(run, mode):
-    # 252 rows: the gemm mode runs 16 ragged chunks of 16 rows (the last one 12).
+    # 252 rows: the gemm mode runs 16 ragged chunks of 16 rows (the last one 12), the cuBLAS
+    # modes 8 chunks of 32 (the last one 28) whose 500 real columns span two row-kernel
+    # tiles (the second ragged).
     _assert_close(run(cases.loss_errors_with_backward, mode, 252, 507, 123, 4, 500, 0.2, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("mode", ["recompute", "in-forward"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_triton_cublas_modes_other_k(run, mode, k):
+    # K=8 with duplicates and ignored targets; K=1 unpadded, nothing ignored.
+    args = (252, 507, 123, 8, 500, 0.2, 8) if k == 8 else (70, 300, 48, 1, None, 0.0, 1)
+    _assert_close(run(cases.loss_errors_with_backward, mode, *args))
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("mode", ["recompute", "in-forward"])
+def test_triton_cublas_modes_edge_cases(run, mode):
+    assert run(cases.in_mode, mode, cases.all_ignored) == (0.0, 0, 0)
+    assert run(cases.in_mode, mode, cases.all_ignored, [1.0, 0.0]) == (0.0, 0, 0)
+    loss_err, grad_err, weight_grad = run(cases.in_mode, mode, cases.custom_ignore_frozen_weight)
+    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL
+    assert weight_grad is None
+    for weights in (None, POWER_LAW):
+        largest, logits = run(cases.in_mode, mode, cases.largest_tensor, 256, 500, 16, 4, weights)
+        assert largest <= logits // 10
+        plain, tracked = run(cases.in_mode, mode, cases.no_grad_matches_grad, weights)
+        assert plain <= LOSS_TOL and tracked <= LOSS_TOL
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_in_forward_refuses_a_second_backward(run):
+    message = run(cases.in_mode, "in-forward", cases.backward_twice)
+    assert message is not None and "backward through it twice" in message
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_unknown_mode_is_one_config_line(run):
+    message = run(cases.unknown_mode)
+    assert message.startswith("triton patch loss mode 'fast'")
+    assert "expected one of atomic, gemm, recompute, in-forward" in message
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_fp32_accumulation_of_bf16_products(run):
+    # bf16 inputs are exact in fp32 and float64; what remains is fp32 summation (and, on a
+    # torch without out_dtype, one bf16 rounding of each slice's product).
+    accumulated, product = run(cases.fp32_accumulation_of_16bit_products)
+    assert accumulated <= 4e-3 and product <= 4e-3
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_cublas_chunk_rows(run):
+    # At least 8 chunks, whole 128-row tiles, at most 256 MiB of logits.
+    assert run(cases.cublas_chunk_rows, 8192, 32000, 2) == 1024
+    assert run(cases.cublas_chunk_rows, 16384, 128256, 2) == 1024
+    assert run(cases.cublas_chunk_rows, 32768, 32000, 2) == 4096
+    assert run(cases.cublas_chunk_rows, 16384, 128256, 6) == 256  # fp32 logits + bf16 grad
+    assert run(cases.cublas_chunk_rows, 5, 300, 4) == 1
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -128,7 +194,7 @@ def test_weighted_torch_many_ragged_chunks(run, fuse):
 
 
 @pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
 def test_weighted_triton_backward_modes(run, mode):
     args = (252, 507, 123, 4, 500, 0.2, 3, None, True, POWER_LAW)
     _assert_close(run(cases.loss_errors_with_backward, mode, *args))

@@ -8,6 +8,15 @@ from tests.distributed import run_distributed
 from tests.ops.truth import embedding_truth, loss_inputs, loss_truth, rel_err
 
 BACKENDS = ["reference", "torch", "triton"]
+# The Triton loss in its default mode and in both cuBLAS modes (triton_ops.BACKWARD): with a
+# group "in-forward" runs as "recompute", which this checks.
+LOSS_VARIANTS = {
+    "reference": None,
+    "torch": None,
+    "triton": None,
+    "triton-recompute": "recompute",
+    "triton-in-forward": "in-forward",
+}
 N, D, K = 60, 40, 4
 REAL_VOCAB, PADDED_VOCAB = 507, 508  # padded to a multiple of TP=2 and TP=4
 # Unweighted, and position weights that zero one position (as well as the ignored targets).
@@ -33,6 +42,8 @@ def _inputs(world_size):
 def _tp_body(rank, world_size, vocab_sizes):
     import triton
 
+    from megapatch.ops import triton_ops
+
     assert triton.knobs.runtime.interpret  # the harness sets TRITON_INTERPRET=1 first
     hidden, weight, targets, ids, grad_out = _inputs(world_size)
     shard = PADDED_VOCAB // world_size
@@ -41,7 +52,8 @@ def _tp_body(rank, world_size, vocab_sizes):
     for vocab_size in vocab_sizes:
         # Targets folded into the real vocabulary; ignored ones stay ignored.
         targets_v = torch.where(targets >= vocab_size, targets % vocab_size, targets)
-        for backend in BACKENDS:
+        for variant, mode in LOSS_VARIANTS.items():
+            saved, triton_ops.BACKWARD = triton_ops.BACKWARD, mode or triton_ops.BACKWARD
             for name, weights in POSITION_WEIGHTS.items():
                 h = hidden.clone().requires_grad_()
                 w = weight[start : start + shard].clone().requires_grad_()
@@ -52,14 +64,16 @@ def _tp_body(rank, world_size, vocab_sizes):
                     vocab_start=start,
                     vocab_size=vocab_size,
                     position_weights=None if weights is None else torch.tensor(weights),
-                    backend=backend,
+                    backend=variant.split("-")[0],
                 )
                 loss.backward()
-                results[vocab_size, backend, name] = {
+                results[vocab_size, variant, name] = {
                     "loss": loss.detach(),
                     "grad_hidden": h.grad,
                     "grad_weight": w.grad,
                 }
+            triton_ops.BACKWARD = saved
+        for backend in BACKENDS:
             w_emb = weight[start : start + shard].clone().requires_grad_()
             out = vocab_parallel_patch_embedding(ids, w_emb, vocab_start=start, backend=backend)
             out.backward(grad_out)
@@ -89,8 +103,8 @@ def test_vocab_parallel_equals_single_process(world_size):
             want, want_h, want_w = loss_truth(
                 hidden, weight, targets_v, vocab_size, position_weights=weights
             )
-            for backend in BACKENDS:
-                case = (vocab_size, backend, name)
+            for variant in LOSS_VARIANTS:
+                case = (vocab_size, variant, name)
                 per_rank = [r[case] for r in ranks]
                 for got in per_rank:  # every rank holds the full loss and hidden gradient
                     assert abs(got["loss"].item() - want.item()) <= 1e-6 * want.item(), case
