@@ -2,6 +2,14 @@
 
 Every check runs before any work is done and raises one clear `ConfigError` line that
 names the offending value and what was expected.
+
+Shape, dtype and device checks read metadata and run on every call. The value checks (ids
+inside the vocabulary, position weights finite, non-negative, not all zero) read the
+tensors, which on a GPU is a host sync per call: there they run on the first call of each
+signature (op, shapes, dtypes, device, vocabulary arguments) until one passes, so a run's
+phases each fail on their first step when misconfigured and cost no sync after it (the data
+pipeline checks every token id on the host anyway). On the CPU, where they are free, they
+run on every call, and with MEGAPATCH_DEBUG_CHECKS=1 on every call everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +23,31 @@ import torch.distributed as dist
 from megapatch.errors import ConfigError
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+
+DEBUG_CHECKS_ENV = "MEGAPATCH_DEBUG_CHECKS"
+# Signatures whose value checks passed on a device; bounded, in case shapes never repeat.
+_PASSED: set = set()
+_MAX_PASSED = 4096
+
+
+def debug_checks() -> bool:
+    """MEGAPATCH_DEBUG_CHECKS set (not empty, not 0): value checks on every call."""
+    return os.environ.get(DEBUG_CHECKS_ENV, "").lower() not in ("", "0", "false", "no", "off")
+
+
+def run_value_checks(signature, device: torch.device, check) -> None:
+    """Call `check()` (which raises on bad values) unless its `signature` already passed on
+    this non-CPU device; always on the CPU or under MEGAPATCH_DEBUG_CHECKS. A signature is
+    recorded only once its check has passed, so a failing call fails again when repeated."""
+    if device.type == "cpu" or debug_checks():
+        check()
+        return
+    if signature in _PASSED:
+        return
+    check()
+    if len(_PASSED) >= _MAX_PASSED:
+        _PASSED.clear()
+    _PASSED.add(signature)
 
 
 def group_size(group) -> int:
@@ -126,7 +159,10 @@ def check_embedding_inputs(
         )
     if ids.device != weight.device:
         raise ConfigError(f"{op}: ids on {ids.device} but weight on {weight.device}")
-    _check_ids_in_range(op, ids, 0, vocab_total, "token id")
+    signature = (op, tuple(ids.shape), ids.dtype, ids.device, vocab_total)
+    run_value_checks(
+        signature, ids.device, lambda: _check_ids_in_range(op, ids, 0, vocab_total, "token id")
+    )
 
 
 def check_loss_inputs(
@@ -173,15 +209,25 @@ def check_loss_inputs(
             f"{op}: ignore_index={ignore_index} is a real token id (vocab_size={vocab_size}); "
             "use a negative value such as -100"
         )
-    if position_weights is None:
-        _check_ids_in_range(op, targets, 0, vocab_size, "target id", skip=ignore_index)
-        return
-    _check_position_weights_form(op, position_weights, targets.shape[1], hidden.device)
-    # Both value checks share the targets' one reduction and its one host sync on a GPU:
-    # weights add no synchronisation to the call.
-    bad_targets = _ids_out_of_range(targets, 0, vocab_size, skip=ignore_index)
-    bad_weights = _bad_position_weights(position_weights)
-    if bool(bad_targets.any() | bad_weights):
-        if bool(bad_weights):
-            _raise_bad_position_weights(op, position_weights)
-        _raise_out_of_range(op, targets, bad_targets, 0, vocab_size, "target id")
+    weighted = position_weights is not None
+    if weighted:
+        _check_position_weights_form(op, position_weights, targets.shape[1], hidden.device)
+    signature = (
+        op, tuple(targets.shape), targets.dtype, targets.device, ignore_index, vocab_size,
+        vocab_total, position_weights.dtype if weighted else None,
+    )  # fmt: skip
+
+    def check():
+        if not weighted:
+            _check_ids_in_range(op, targets, 0, vocab_size, "target id", skip=ignore_index)
+            return
+        # Both value checks share the targets' one reduction and its one host sync on a GPU:
+        # weights add no synchronisation to the call.
+        bad_targets = _ids_out_of_range(targets, 0, vocab_size, skip=ignore_index)
+        bad_weights = _bad_position_weights(position_weights)
+        if bool(bad_targets.any() | bad_weights):
+            if bool(bad_weights):
+                _raise_bad_position_weights(op, position_weights)
+            _raise_out_of_range(op, targets, bad_targets, 0, vocab_size, "target id")
+
+    run_value_checks(signature, targets.device, check)

@@ -190,3 +190,73 @@ def test_position_weights_are_normalised_and_get_no_gradient(weight):
         b = patch_loss(hidden, weight, targets, position_weights=weights * 8, backend=backend)
         assert torch.equal(a, b)  # ×8 is exact in fp32: the normalised weights are equal
         assert not a.requires_grad
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def test_cpu_value_checks_run_on_every_call(weight):
+    # The same shapes passed once; a later bad call is still refused: on the CPU nothing is
+    # skipped, since the checks cost no host sync there.
+    hidden, good = torch.randn(10, D), torch.zeros(10, 4, dtype=torch.long)
+    bad = good.clone()
+    bad[3, 1] = V
+    patch_loss(hidden, weight, good, backend="torch")
+    with _raises(rf"target id {V} is outside the vocabulary"):
+        patch_loss(hidden, weight, bad, backend="torch")
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    patch_embedding(ids, weight, backend="torch")
+    with _raises("token id -1 is outside the vocabulary"):
+        patch_embedding(ids - 1, weight, backend="torch")
+
+
+class _Check:
+    def __init__(self, fails=False):
+        self.calls, self.fails = 0, fails
+
+    def __call__(self):
+        self.calls += 1
+        if self.fails:
+            raise ConfigError("bad values")
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    from megapatch.ops import _checks
+
+    monkeypatch.setattr(_checks, "_PASSED", set())
+    monkeypatch.delenv(_checks.DEBUG_CHECKS_ENV, raising=False)
+    return _checks
+
+
+def test_device_value_checks_run_once_per_signature(fresh_checks):
+    cuda = torch.device("cuda", 0)  # only a name: nothing here touches a GPU
+    check = _Check()
+    for _ in range(3):
+        fresh_checks.run_value_checks(("patch_loss", (8, 4)), cuda, check)
+    assert check.calls == 1  # one host sync for the phase's shape, not one per step
+    fresh_checks.run_value_checks(("patch_loss", (8, 1)), cuda, check)
+    assert check.calls == 2  # another phase (K) is another signature
+
+
+def test_device_value_check_that_failed_runs_again(fresh_checks):
+    cuda = torch.device("cuda", 0)
+    for _ in range(2):
+        with _raises("bad values"):
+            fresh_checks.run_value_checks(("patch_loss", (8, 4)), cuda, _Check(fails=True))
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_debug_flag_checks_every_call_on_a_device(fresh_checks, monkeypatch, value):
+    monkeypatch.setenv(fresh_checks.DEBUG_CHECKS_ENV, value)
+    check = _Check()
+    for _ in range(3):
+        fresh_checks.run_value_checks(("patch_loss", (8, 4)), torch.device("cuda", 0), check)
+    assert check.calls == 3
+
+
+def test_cpu_checks_ignore_the_cache(fresh_checks):
+    check = _Check()
+    for _ in range(3):
+        fresh_checks.run_value_checks(("patch_loss", (8, 4)), torch.device("cpu"), check)
+    assert check.calls == 3 and not fresh_checks._PASSED
