@@ -1,4 +1,4 @@
-"""Hugging Face tokenizers (`tokenizer.json`, e.g. GPT-2, GPT-NeoX, Llama 3, Qwen) behind
+r"""Hugging Face tokenizers (`tokenizer.json`, e.g. GPT-2, GPT-NeoX, Llama 3, Qwen) behind
 megapatch's tokenizer interface, and byte-level BPE training with the `tokenizers` library.
 
 Special tokens come from the tokenizer's own files: `tokenizer_config.json` (or
@@ -11,16 +11,27 @@ thread per process (prep's workers are the parallelism), without the tokenizer's
 special tokens: prep adds EOS itself and no BOS, as for sentencepiece models.
 
 The word cache, where it is exact: the library's own pre-tokenizer (a regex over the text)
-costs most of the time, about 1-2 MB/s on one core. For the common byte-level BPE layout
-(no normalizer or NFC, as GPT-NeoX and Qwen have; GPT-2's ByteLevel regex, or a Split
-regex before a regex-free ByteLevel, as in Llama 3) the `regex` package splits the text with the tokenizer's own pattern, each
-distinct word goes through the tokenizer's BPE model once (`model.tokenize` of its
-byte-level form) and is cached: the same ids, several times faster. Exactness rests on the
-two regex engines classifying characters alike: at load every letter, digit and space of
-the Unicode tables is pre-tokenized by both in a few contexts, and a text holding a
-character they disagree on (one newer than the library's Unicode tables), or the text of
-an added token, takes the library's path; with NFC, so does a character Python's own
-Unicode tables do not know.
+costs most of the time, about 1 MB/s on one core. For the common byte-level BPE layout (no
+normalizer or NFC, as GPT-NeoX and Qwen have; GPT-2's ByteLevel regex, or a Split regex
+before a regex-free ByteLevel, as in Llama 3) the `regex` package splits the text with the
+tokenizer's own pattern, each distinct word goes through the tokenizer's BPE model once
+(the bare model on its byte-level form) and is cached: the same ids, several times faster.
+
+Why that is exact. The pattern is read by `_PatternParser`, which accepts only constructs
+that mean the same in both engines (Oniguruma in the library, the `regex` package here)
+and refuses a pattern that can match the empty string. Over such a pattern, where the
+matches fall depends on the text's code points and, for each character, on a few
+one-character predicates: `\s`, `\p{L}`, `\p{N}`, ..., a literal under `(?i)`. So if the
+two engines agree on every predicate for every character of a text, they split it alike.
+At first use (`_engine_disagreements`, about 0.2 s) every character the `regex` package's
+tables assign (less surrogates and the private-use planes 15-16) is checked once in each
+engine for all predicates; a text holding a character they disagree on (one newer than
+the library's tables), one outside that set, or the text of an added token takes the
+library's path. Under `(?i)` the library's engine also matches "ss" against "ß" (full
+case folding): characters that fold to two or more characters of such a literal are
+ruled out as well. With NFC, characters Python's Unicode tables do not know are ruled
+out, and `_nfc_disagreements` probes each decomposable or combining character in both
+normalizers. The hypothesis tests compare the ids with the library's on varied text.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ import hashlib
 import json
 import os
 import unicodedata
-from itertools import chain
+from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -206,12 +218,14 @@ class WordSplitter:
         others = [b for b in range(256) if b not in printable]
         table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
         self._byte_table = str.maketrans({chr(b): c for b, c in table.items()})
-        key = backend.pre_tokenizer.__getstate__()  # its JSON
-        if key not in _DISAGREEMENTS:  # once per process and pre-tokenizer
-            _DISAGREEMENTS[key] = self._disagreements(backend)
-        self._unsafe = _DISAGREEMENTS[key]
-        if nfc:
-            self._unsafe = self._unsafe | _nfc_disagreements(backend)
+        atoms = _PatternAtoms.of(pattern)
+        if atoms is None or not self._splits_like(backend):
+            raise ValueError("the word cache cannot be shown exact for this pattern")
+        key = (atoms, nfc)
+        if key not in _SAFE:  # once per process, pattern and normalizer
+            _SAFE[key] = _safe_characters(atoms, backend.normalizer if nfc else None)
+        self._safe = _SAFE[key]
+        self._ascii_safe = self._safe.issuperset(map(chr, range(128)))
 
     @classmethod
     def of(cls, backend, spec: dict) -> WordSplitter | None:
@@ -248,17 +262,21 @@ class WordSplitter:
         model_only = _tokenizers().Tokenizer.from_str(json.dumps(spec | bare))
         try:
             return cls(pattern, backend, added, model_only, nfc=normalizer is not None)
-        except Exception:  # a pattern the `regex` package reads otherwise: no fast path
+        except Exception:  # a pattern outside the proven subset, or one an engine rejects
             return None
 
     def words(self, text: str) -> list[str] | None:
         """The pre-tokenized words of `text`, or None where only the library is exact."""
-        if self._has_added(text) or not self._unsafe.isdisjoint(text):
+        if not (self._ascii_safe and text.isascii()) and not self._safe.issuperset(text):
+            return None
+        if self._has_added(text):
             return None
         if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-            if self._has_added(text):
-                return None
+            normal = unicodedata.normalize("NFC", text)
+            if normal is not text:  # the same object when already NFC
+                if not self._safe.issuperset(normal) or self._has_added(normal):
+                    return None
+                text = normal
         words = self.pattern.findall(text)
         if sum(map(len, words)) != len(text):  # text the pattern leaves out: not supported
             return None
@@ -270,53 +288,317 @@ class WordSplitter:
     def byte_level(self, word: str) -> str:
         return word.encode("utf-8").decode("latin-1").translate(self._byte_table)
 
-    def _disagreements(self, backend) -> frozenset[str]:
-        """The characters the two engines split differently. Letters,
-        digits and spaces are probed in runs of one class, after a letter, a digit, a
-        space, a period and a line break; the chars of a run that splits differently are
-        then probed one by one."""
-        import regex
-
-        everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
-        runs = regex.findall(r"\p{L}+|\p{N}+|\s+", everything)
-        bad = set()
-        for run in self._differing(runs, backend):
-            bad.update(self._differing(list(run), backend))
-        return frozenset(bad)
-
-    def _differing(self, items: list[str], backend) -> list[str]:
-        """The items whose probes the two engines split differently."""
-        probes, owner = [], []
-        for i, item in enumerate(items):
-            for context in ("a", "1", " ", ".", "\n"):
-                probes.append(context + item)
-                owner += [i] * (len(item) + 1)
-        text = "".join(probes)
-        ours = {m.end() for m in self.pattern.finditer(text)}
-        theirs = {end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(text)}
-        # a boundary belongs to the probe it ends (the text's end to the last)
-        return [items[i] for i in sorted({owner[pos - 1] for pos in ours ^ theirs})]
+    def _splits_like(self, backend) -> bool:
+        """Whether this pattern cuts a sample where the tokenizer's own pre-tokenizer does:
+        it guards the assumption that ByteLevel's built-in regex is GPT-2's pattern."""
+        ours = {0, len(_SAMPLE)}.union(*(m.span() for m in self.pattern.finditer(_SAMPLE)))
+        pieces = backend.pre_tokenizer.pre_tokenize_str(_SAMPLE)
+        return ours == {0, len(_SAMPLE)}.union(*(span for _, span in pieces))
 
 
-def _nfc_disagreements(backend) -> frozenset[str]:
-    """Characters Python's NFC may treat otherwise than the tokenizer's: those Python's
-    Unicode tables do not know (assigned in the `regex` package's), and those with a
-    canonical decomposition that the two normalize differently, alone or decomposed."""
-    if "nfc" not in _DISAGREEMENTS:  # once per process
-        import regex
+class _PatternAtoms(NamedTuple):
+    """What a pre-tokenizer regex's matches depend on besides the code points themselves.
 
-        everything = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
-        assigned = regex.findall(r"\p{Assigned}", everything)
-        bad = {c for c in assigned if unicodedata.category(c) == "Cn"}
-        decomposable = [c for c in assigned if c not in bad and unicodedata.decomposition(c)]
-        forms = [f for c in decomposable for f in (c, unicodedata.normalize("NFD", c))]
-        theirs = backend.normalizer.normalize_str("\n".join(forms)).split("\n")
-        ours = [unicodedata.normalize("NFC", f) for f in forms]
-        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            if a != b:
-                bad.update(c for c in forms[i] if unicodedata.combining(c) or c == forms[i])
-        _DISAGREEMENTS["nfc"] = frozenset(bad)
-    return _DISAGREEMENTS["nfc"]
+    `predicates`: one-character regexes whose truth per character both engines must agree
+    on (`\\s`, `\\p{L}`, `.`, a literal under `(?i)`, ...); `folded`: the case-folded
+    literal runs under `(?i)` (a character whose full case folding is a substring of one
+    may match several of their characters at once in the library's engine)."""
+
+    predicates: tuple[str, ...]
+    folded: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pattern: str) -> _PatternAtoms | None:
+        """The atoms of `pattern`, or None when it uses a construct outside the subset
+        whose meaning is the same in both engines, or can match the empty string."""
+        parser = _PatternParser(pattern)
+        try:
+            nullable = parser.alternation()
+        except _Unsupported:
+            return None
+        if parser.pos != len(pattern) or nullable or len(parser.predicates) > 62:
+            return None
+        return cls(tuple(sorted(parser.predicates)), tuple(sorted(parser.folded)))
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _PatternParser:
+    """A recursive-descent reader of the regex subset that GPT-2's, Llama 3's, Qwen 2's and
+    GPT-4o's pre-tokenizer patterns use: alternation, `(?:...)`, `(?=...)`, `(?!...)`,
+    `(?i:...)` around literal alternatives, greedy and lazy `? * +`, `{m}`, `{m,}`,
+    `{m,n}`, classes with ranges, `\\s \\S \\d \\D \\w \\W \\p{..} \\P{..}`, `.`, and escaped
+    literals. Everything else (anchors, captures, lookbehind, backreferences, possessive
+    quantifiers, nested classes, other flags) is refused: those read differently in
+    Oniguruma (the library's engine) and the `regex` package, or depend on more than one
+    character at a time."""
+
+    METACHARS = set("\\^$.|?*+()[]{}")
+    CLASS_ESCAPES = {"s": r"\s", "S": r"\s", "d": r"\d", "D": r"\d", "w": r"\w", "W": r"\w"}
+    LITERAL_ESCAPES = {"r": "\r", "n": "\n", "t": "\t"} | {c: c for c in "\\^$.|?*+()[]{}-/"}
+
+    def __init__(self, pattern: str):
+        self.pattern, self.pos = pattern, 0
+        self.predicates: set[str] = set()
+        self.folded: set[str] = set()
+
+    def peek(self, ahead: int = 0) -> str:
+        i = self.pos + ahead
+        return self.pattern[i] if i < len(self.pattern) else ""
+
+    def take(self, expected: str | None = None) -> str:
+        char = self.peek()
+        if not char or (expected is not None and char != expected):
+            raise _Unsupported
+        self.pos += 1
+        return char
+
+    def alternation(self) -> bool:
+        """Parse alternatives; whether one of them can match the empty string."""
+        nullable = self.sequence()
+        while self.peek() == "|":
+            self.take()
+            nullable = self.sequence() or nullable
+        return nullable
+
+    def sequence(self) -> bool:
+        nullable = True
+        while self.peek() not in ("", "|", ")"):
+            atom_nullable = self.atom()
+            minimum = self.quantifier()
+            nullable = nullable and (atom_nullable or minimum == 0)
+        return nullable
+
+    def quantifier(self) -> int | None:
+        """The minimum count of a quantifier here (None: none)."""
+        char = self.peek()
+        if char in ("?", "*", "+"):
+            self.take()
+            if self.peek() == "?":  # lazy: the same in both engines
+                self.take()
+            minimum = 1 if char == "+" else 0
+        elif char == "{":
+            self.take()
+            minimum = self.number()
+            if self.peek() == ",":
+                self.take()
+                if self.peek() != "}" and self.number() < minimum:
+                    raise _Unsupported
+            self.take("}")
+            if self.peek() == "?":  # lazy in the regex package, an optional in Oniguruma's
+                raise _Unsupported
+        else:
+            return None
+        if self.peek() in ("?", "*", "+", "{"):  # possessive or stacked
+            raise _Unsupported
+        return minimum
+
+    def number(self) -> int:
+        start = self.pos
+        while self.peek().isdigit() and self.peek().isascii():
+            self.take()
+        if self.pos == start:
+            raise _Unsupported
+        return int(self.pattern[start : self.pos])
+
+    def atom(self) -> bool:
+        """Parse one atom; whether it can match the empty string."""
+        char = self.take()
+        if char == "(":
+            if self.peek() != "?":  # a capture: findall would return the group
+                raise _Unsupported
+            self.take()
+            kind = self.take()
+            if kind == "i":
+                self.take(":")
+                nullable = self.folded_literals()
+            elif kind in (":", "=", "!"):
+                nullable = self.alternation() or kind != ":"
+            else:
+                raise _Unsupported
+            self.take(")")
+            if kind in ("=", "!") and self.peek() in ("?", "*", "+", "{"):
+                raise _Unsupported  # a repeated lookahead
+            return nullable
+        if char == "[":
+            self.char_class()
+            return False
+        if char == "\\":
+            self.escape(in_class=False)  # a literal, or a predicate it records
+            return False
+        if char == ".":  # which line breaks it skips may depend on how the engine was built
+            self.predicates.add(".")
+            return False
+        if char in self.METACHARS:
+            raise _Unsupported
+        return False  # a literal character: the same code point in both engines
+
+    def escape(self, in_class: bool) -> str | None:
+        """An escape after the backslash: its literal character, or None for a class
+        escape (recorded as a predicate)."""
+        char = self.take()
+        if char in self.CLASS_ESCAPES:
+            self.predicates.add(self.CLASS_ESCAPES[char])
+            return None
+        if char in ("p", "P"):
+            self.take("{")
+            start = self.pos
+            while self.peek() and (self.peek().isalnum() or self.peek() in "_="):
+                self.take()
+            name = self.pattern[start : self.pos]
+            self.take("}")
+            if not name or not name.isascii():
+                raise _Unsupported
+            self.predicates.add(f"\\p{{{name}}}")
+            return None
+        if char in self.LITERAL_ESCAPES:
+            return self.LITERAL_ESCAPES[char]
+        raise _Unsupported
+
+    def char_class(self) -> None:
+        if self.peek() == "^":
+            self.take()
+        start = self.pos
+        while self.pos == start or self.peek() != "]":
+            char = self.take()
+            if char == "]" or char == "[" or (char == "&" and self.peek() == "&"):
+                raise _Unsupported  # empty, nested, an intersection: read otherwise
+            if char == "-" and self.pos - 1 != start and self.peek() != "]":
+                raise _Unsupported  # a dash that starts no range, but first or last
+            low = self.escape(in_class=True) if char == "\\" else char
+            if self.peek() == "-" and self.peek(1) != "]":
+                self.take()
+                high = self.take()
+                if high == "\\":
+                    high = self.escape(in_class=True)
+                if low is None or high is None or high in "[]" or ord(high) < ord(low):
+                    raise _Unsupported
+        self.take("]")
+
+    def folded_literals(self) -> bool:
+        """The body of `(?i:...)`: alternatives of literal characters only. Each character
+        becomes a predicate; a character whose full case folding has several characters
+        is refused (Oniguruma matches it against as many)."""
+        nullable = False
+        while True:
+            run = []
+            while self.peek() not in ("", "|", ")"):
+                char = self.take()
+                if char == "\\":
+                    char = self.escape(in_class=False)
+                    if char is None:
+                        raise _Unsupported
+                elif char in self.METACHARS:
+                    raise _Unsupported
+                if not char.isprintable() or len(char.casefold()) != 1:
+                    raise _Unsupported  # Python's tables do not know it, or it folds to more
+                self.predicates.add(f"(?i:{_escape(char)})")
+                run.append(char)
+            nullable = nullable or not run
+            self.folded.add("".join(run).casefold())
+            if self.peek() != "|":
+                return nullable
+            self.take()
+
+
+def _escape(char: str) -> str:
+    """A literal character as both engines read it."""
+    if char in _PatternParser.METACHARS or char == "-":
+        return "\\" + char
+    return {"\r": r"\r", "\n": r"\n", "\t": r"\t"}.get(char, char)
+
+
+@cache
+def _universe() -> str:
+    """The characters the word cache may see: every code point the `regex` package's
+    Unicode tables assign, without surrogates and the private-use planes 15-16 (a text
+    holding any other character takes the library's path)."""
+    import regex
+
+    points = np.concatenate([np.arange(0xD800), np.arange(0xE000, 0xF0000)])
+    everything = points.astype(np.uint32).tobytes().decode("utf-32-le")
+    return "".join(regex.findall(r"\p{Assigned}+", everything))
+
+
+def _safe_characters(atoms: _PatternAtoms, normalizer) -> frozenset[str]:
+    """The characters on which the word cache is exact for a pattern of these atoms (and,
+    with `normalizer`, an NFC normalizer): those of `_universe` on which both engines
+    agree for every predicate, less what case folding or NFC rule out."""
+    import regex
+
+    universe = _universe()
+    bad = _engine_disagreements(atoms.predicates, universe)
+    # The library's engine matches "ss" of a pattern's (?i) literal against a text's "ß":
+    # characters whose full case folding (the regex package's, its tables the newest) is
+    # two or more characters of a literal are ruled out.
+    pieces = {r[i:j] for r in atoms.folded for i in range(len(r)) for j in range(i + 2, len(r) + 1)}
+    if pieces:
+        longest_first = sorted(pieces, key=lambda p: (-len(p), p))
+        folds = regex.compile("(?fi)(?:" + "|".join(map(regex.escape, longest_first)) + ")")
+        bad.update(folds.findall("\0".join(universe)))  # NUL: in no literal, folds to none
+    if normalizer is not None:
+        bad.update(c for c in universe if unicodedata.category(c) == "Cn")  # Python's tables
+        bad |= _nfc_disagreements(normalizer, universe)
+    points = np.frombuffer(universe.encode("utf-32-le"), dtype=np.uint32)
+    unsafe = np.frombuffer("".join(bad).encode("utf-32-le"), dtype=np.uint32)
+    return frozenset(points[~np.isin(points, unsafe)].tobytes().decode("utf-32-le"))
+
+
+def _engine_disagreements(predicates: tuple[str, ...], universe: str) -> set[str]:
+    """The characters of `universe` on which the `regex` package and the tokenizers
+    library's engine disagree about any predicate.
+
+    The characters are grouped by their truth values under the `regex` package; each
+    group is then matched in the library's engine (a `Split` pre-tokenizer) by a pattern
+    that accepts exactly the characters with those truth values there, and whatever it
+    leaves is a disagreement. Every character is read once by each engine."""
+    import regex
+
+    points = np.frombuffer(universe.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.zeros(len(points), dtype=np.int64)
+    for bit, predicate in enumerate(predicates):
+        hits = "".join(regex.findall(predicate, universe)).encode("utf-32-le")
+        codes |= np.isin(points, np.frombuffer(hits, dtype=np.uint32)).astype(np.int64) << bit
+    split, pattern = _tokenizers().pre_tokenizers.Split, _tokenizers().Regex
+    bad: set[str] = set()
+    for code in np.unique(codes).tolist():
+        group = points[codes == code].tobytes().decode("utf-32-le")
+        tests = "".join(
+            f"(?={p})" if code >> bit & 1 else f"(?!{p})" for bit, p in enumerate(predicates)
+        )
+        accept = split(pattern(f"(?:{tests}[\\s\\S])+"), behavior="removed")
+        bad.update("".join(piece for piece, _ in accept.pre_tokenize_str(group)))
+    return bad
+
+
+def _nfc_disagreements(normalizer, universe: str) -> set[str]:
+    """Characters whose NFC the tokenizers library may compute otherwise than Python.
+
+    Unicode's normalization stability policy makes NFC the same in every version for
+    characters assigned in both, so what is probed is whether the library knows each
+    character Python's tables decompose or give a combining class: decomposable ones
+    alone and decomposed, combining ones after a letter and before a mark of class 230
+    (a starter would block the composition) and of class 220 (a mark of a higher class
+    is moved behind it)."""
+    known = [c for c in universe if unicodedata.category(c) != "Cn"]
+    forms, owners = [], []
+    for char in known:
+        if unicodedata.decomposition(char):
+            decomposed = unicodedata.normalize("NFD", char)
+            forms += [char, decomposed]
+            marks = [c for c in decomposed if unicodedata.combining(c)]
+            owners += [[char], marks or list(decomposed)]
+        if unicodedata.combining(char):
+            forms += [f"a{char}\u0301", f"a{char}\u0316"]
+            owners += [[char], [char]]
+    theirs = normalizer.normalize_str("\n".join(forms)).split("\n")
+    bad: set[str] = set()
+    for form, their, owner in zip(forms, theirs, owners, strict=True):
+        if unicodedata.normalize("NFC", form) != their:
+            bad.update(owner)
+    return bad
 
 
 def _encode_batch(backend, texts: list[str]):
@@ -333,9 +615,15 @@ def _is_byte_level(step: dict, use_regex: bool) -> bool:
     )
 
 
-_DISAGREEMENTS: dict = {}
+# The safe characters, per (pattern atoms, NFC or not), once per process.
+_SAFE: dict = {}
 # The pattern of the tokenizers library's ByteLevel pre-tokenizer (GPT-2's).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Split by a pattern and by the tokenizer's pre-tokenizer, to see they are the same.
+_SAMPLE = (
+    "Hello world's 'S 'Re I'LL we've 'd 1234567 x1y2  \n\n\t tabs\r\n ...!? (a) -- "
+    "caf\u00e9 e\u0301 \u6771\u4eac \U0001f642 \u0663\u0664 \u00bd \u00a0 end  "
+)
 
 
 def _config_json(special: dict[str, str]) -> bytes:

@@ -1,13 +1,12 @@
 """Hugging Face tokenizers: loading a tokenizer.json or model directory, special tokens from
-its own files, byte-level BPE training, and prep with them (exact, worker-independent)."""
+its own files, byte-level BPE training, and prep with them (exact, worker-independent).
+The word-cached encoder's exactness: test_hf_word_cache.py."""
 
 import json
 import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from data_prep import PrepConfig, prepare
 from megapatch.cli import main
@@ -180,65 +179,3 @@ def test_missing_tokenizer_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(tmp_path / "empty")
-
-
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-@pytest.fixture(scope="module")
-def nfc_bpe(bpe) -> HFTokenizer:
-    """GPT-NeoX's layout: an NFC normalizer before GPT-2's byte-level pre-tokenizer."""
-    tok = tokenizers.Tokenizer.from_str(bpe.backend.to_str())
-    tok.normalizer = tokenizers.normalizers.NFC()
-    return HFTokenizer({"tokenizer.json": tok.to_str().encode()})
-
-
-@pytest.fixture(scope="module")
-def split_bpe() -> HFTokenizer:
-    """A byte-level BPE with Llama 3's layout: a Split regex, then ByteLevel without one."""
-    pre = tokenizers.pre_tokenizers
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre.Sequence([
-        pre.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|end_of_text|>"], show_progress=False,
-        initial_alphabet=pre.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator([synthetic_text(s, 3000) for s in range(4)], trainer)
-    tok.add_tokens(["NOT SPECIAL"])  # an added token that is ordinary text
-    return HFTokenizer({"tokenizer.json": tok.to_str().encode()})
-
-
-UNICODE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=120)
-SPACEY = st.text(alphabet=" \n\r\t\x0b\x1c\u00a0\u3000ab1.'sé東🙂", max_size=60)
-WORDY = st.lists(
-    st.sampled_from(["the", " cat", "'s", "'LL", "12345", "  ", "\n\n", "\r\n", "<|endoftext|>",
-                     "e\u0301", "\u212b", "\u1100\u1161", "\ufb01", "\u0958",
-                     "<|end_of_text|>", "NOT SPECIAL", "\U0002ebf0", "Ꟑ", "ǅ", "𝟘", "⅔", "٣"]),
-    max_size=30,
-).map("".join)  # fmt: skip
-
-
-@settings(max_examples=200, deadline=None)
-@given(text=st.one_of(UNICODE, SPACEY, WORDY))
-def test_the_word_cache_gives_the_librarys_ids(bpe, split_bpe, nfc_bpe, text):
-    for tok in (bpe, split_bpe, nfc_bpe):
-        assert tok._splitter is not None  # the fast path is on for both layouts
-        ours = tok.encode_batch([text, text])  # the second one from a warm cache
-        theirs = tok.encode_plain_batch([text])[0].tolist()
-        assert ours[0].tolist() == ours[1].tolist() == theirs
-
-
-def test_other_layouts_take_the_librarys_path(bpe):
-    tok = tokenizers.Tokenizer.from_str(bpe.backend.to_str())
-    tok.normalizer = tokenizers.normalizers.Lowercase()
-    lower = HFTokenizer({"tokenizer.json": tok.to_str().encode()})
-    assert lower._splitter is None
-    text = "Cafe\u0301 " + synthetic_text(3, 100)
-    assert lower.encode(text).tolist() == lower.backend.encode(text, add_special_tokens=False).ids
