@@ -256,17 +256,23 @@ def _zero_to_fp32(view: Path, step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: GPT, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy full (TP=1, unpadded) weights into `model`, taking this rank's TP shard of each.
+def load_full_state_dict(model, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy full (TP=1, unpadded) weights into `model` (a GPT, or one pipeline stage of
+    it), taking this rank's TP shard of each.
 
     Every parameter must be present with its full shape; `source` names the weights in
     the one-line CheckpointError otherwise.
     """
     tp = get_tensor_model_parallel_world_size()
     rank = get_tensor_model_parallel_rank()
-    params = dict(model.named_parameters())
+    if hasattr(model, "gpt_named_parameters"):  # one pipeline stage: its share of the names
+        params = dict(model.gpt_named_parameters())
+        known = set(partition_dims(model.cfg))
+    else:
+        params = dict(model.named_parameters())
+        known = set(params)
     missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+    unexpected = sorted(set(state) - known)
     if missing or unexpected:
         parts = []
         if missing:

@@ -72,8 +72,15 @@ class ParallelSection:
     IDENTITY: ClassVar = set()
     tensor_model_parallel_size: int = 1
     """TP: tensor-parallel ranks; must divide n_heads and n_kv_heads."""
+    pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages (DeepSpeed's pipeline engine, 1F1B schedule). Blocks are split so
+    stages hold about equal parameters (the embedding on the first, the final norm, output
+    layer and loss on the last); every stage must get at least one block. Ranks are laid
+    out TP innermost, then DP, then PP: world size = TP x DP x PP. Needs zero_stage 0 or 1
+    and untied embeddings."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2, or 3 (with any TP size)."""
+    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2, or 3 (with any TP size;
+    0 or 1 with pipeline parallelism)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1 and model.seq_len divisible by TP): norms, residual adds and the patch embedding's output hold L/TP positions per rank; all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones. Same losses, less activation memory."""
     nodes: int = 1

@@ -58,7 +58,7 @@ class Checker:
 _POSITIVE = """
     model.d_model model.n_layers model.n_heads model.n_kv_heads model.ffn_hidden model.seq_len
     model.rope_theta model.norm_eps model.init_std model.make_vocab_size_divisible_by
-    parallel.tensor_model_parallel_size parallel.nodes parallel.gpus_per_node patch.size
+    parallel.tensor_model_parallel_size parallel.pipeline_model_parallel_size parallel.nodes parallel.gpus_per_node patch.size
     train.total_tokens train.tokens_per_step train.micro_batch_size train.lr train.eps
     train.max_nonfinite_steps train.max_steps checkpoint.keep_last eval.max_windows logging.interval
 """.split()
@@ -129,6 +129,45 @@ def sequence_parallel_problems(
     return []
 
 
+def pipeline_problems(
+    *, pipeline_size: int, zero_stage: int, n_layers: int, tie_embeddings: bool
+) -> list[tuple[str, Any, str]]:
+    """What DeepSpeed's pipeline engine needs of a config. That every stage gets a block
+    of the parameter-balanced split (it depends on the vocabulary) is checked where the
+    plan is made."""
+    pp = pipeline_size
+    if pp == 1:
+        return []
+    problems: list[tuple[str, Any, str]] = []
+    if pp > n_layers:
+        problems.append(
+            (
+                "parallel.pipeline_model_parallel_size",
+                pp,
+                f"at most model.n_layers={n_layers} (every stage holds at least one block)",
+            )
+        )
+    if zero_stage not in (0, 1):
+        problems.append(
+            (
+                "parallel.zero_stage",
+                zero_stage,
+                f"0 or 1 with parallel.pipeline_model_parallel_size={pp} "
+                "(DeepSpeed's pipeline engine shards no gradients or weights)",
+            )
+        )
+    if tie_embeddings:
+        problems.append(
+            (
+                "model.tie_embeddings",
+                True,
+                f"false with parallel.pipeline_model_parallel_size={pp} (the embedding is on "
+                "the first stage, the output layer on the last)",
+            )
+        )
+    return problems
+
+
 def validate(cfg: RunConfig, check: Checker) -> None:
     """The config's own rules: ranges, the model's shape, cross-field rules. The batch
     arithmetic (whole sequences per step in every phase) is the scheduler's rule, checked
@@ -167,6 +206,13 @@ def validate(cfg: RunConfig, check: Checker) -> None:
             check.fail(key, value, expected)
     if par.zero_stage not in (0, 1, 2, 3):
         check.fail("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
+    for key, value, expected in pipeline_problems(
+        pipeline_size=par.pipeline_model_parallel_size,
+        zero_stage=par.zero_stage,
+        n_layers=m.n_layers,
+        tie_embeddings=m.tie_embeddings,
+    ):
+        check.fail(key, value, expected)
     for key in _ENGINE_OWNED_DEEPSPEED_KEYS:
         if key in par.deepspeed:
             why = "batch shapes come from train.tokens_per_step and train.micro_batch_size"

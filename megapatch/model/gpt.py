@@ -79,29 +79,8 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.compile(backend=backend)
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Norms at 1; matrices N(0, init_std²), residual outputs N(0, (init_std/√(2·n_layers))²);
-        vocabulary padding rows at 0."""
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            std = (
-                residual_init_std(self.cfg)
-                if name.endswith(RESIDUAL_OUTPUT_WEIGHTS)
-                else self.cfg.init_std
-            )
-            init_rows = (
-                self.cfg.vocab_size if name in ("embed_tokens.weight", "lm_head.weight") else None
-            )
-            init_weight_shard_(
-                param,
-                getattr(param, "partition_dim", None),
-                std=std,
-                seed=parameter_seed(seed, name),
-                init_rows=init_rows,
-            )
+        init_parameters_(self.named_parameters(), self.cfg, seed)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -171,59 +150,19 @@ class GPT(nn.Module):
         return logits[..., : self.cfg.vocab_size]
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, weights=None) -> torch.Tensor:
-        # hidden [N, D], targets [N, K]; the ops never build [N, V] logits (except the reference).
-        if weights is not None:  # [K]
-            weights = torch.as_tensor(weights, dtype=torch.float32, device=hidden.device)
-        if self.tp_size == 1:
-            return patch_loss(
-                hidden,
-                self.output_weight,
-                targets,
-                position_weights=weights,
-                ignore_index=IGNORE_INDEX,
-                vocab_size=self.cfg.vocab_size,
-                backend=self.cfg.ops_backend,
-            )
-        return vocab_parallel_patch_loss(
+        return loss_from_hidden(
+            self.cfg,
             hidden,
             self.output_weight,
             targets,
             vocab_start=self.embed_tokens.vocab_start_index,
-            vocab_size=self.cfg.vocab_size,
-            group=get_tensor_model_parallel_group(),
             position_weights=weights,
-            ignore_index=IGNORE_INDEX,
-            backend=self.cfg.ops_backend,
         )
 
     def _check_inputs(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None, patch_size: int
     ) -> None:
-        """Every check before any work, each a one-line error naming the values."""
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-            raise ConfigError(f"patch_size={patch_size!r} must be a positive integer")
-        if (
-            input_ids.dim() != 2
-            or input_ids.dtype.is_floating_point
-            or input_ids.dtype == torch.bool
-        ):
-            raise ConfigError(
-                f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}"
-            )
-        B, T = input_ids.shape
-        if T % patch_size != 0:
-            raise ConfigError(
-                f"sequence length T={T} is not divisible by patch_size K={patch_size}"
-            )
-        if targets is not None and tuple(targets.shape) != (B, T):
-            raise ConfigError(
-                f"targets must have the shape of input_ids {(B, T)} (the window shifted by K={patch_size}), "
-                f"got {tuple(targets.shape)}"
-            )
-        V = self.cfg.vocab_size
-        _check_ids("input_ids", input_ids, V)
-        if targets is not None:
-            _check_ids("targets", targets[targets != IGNORE_INDEX], V)
+        check_inputs(self.cfg, input_ids, targets, patch_size)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters of the whole model (all TP shards, no vocabulary padding).
@@ -263,6 +202,93 @@ class GPT(nn.Module):
             tie_embeddings=c.tie_embeddings,
         )
         return training_flops_per_sequence(dims, patch_size) / (patch_size * c.seq_len)
+
+
+@torch.no_grad()
+def init_parameters_(named_parameters, cfg: GPTConfig, seed: int) -> None:
+    """Initialise (name, parameter) pairs named as in the whole TP=1 GPT: norms at 1;
+    matrices N(0, init_std²), residual outputs N(0, (init_std/√(2·n_layers))²); vocabulary
+    padding rows at 0. Each weight is drawn whole from its own (seed, name) generator and
+    sliced, so any TP shard or pipeline stage holds exactly the TP=1 model's numbers."""
+    for name, param in named_parameters:
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        std = residual_init_std(cfg) if name.endswith(RESIDUAL_OUTPUT_WEIGHTS) else cfg.init_std
+        init_rows = cfg.vocab_size if name in ("embed_tokens.weight", "lm_head.weight") else None
+        init_weight_shard_(
+            param,
+            getattr(param, "partition_dim", None),
+            std=std,
+            seed=parameter_seed(seed, name),
+            init_rows=init_rows,
+        )
+
+
+def loss_from_hidden(
+    cfg: GPTConfig,
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    position_weights=None,
+) -> torch.Tensor:
+    """The patch loss of hidden [N, D] against targets [N, K] with this rank's rows of the
+    output head [V_pad/tp, D] (rows from `vocab_start`); the ops never build [N, V] logits
+    (except the reference backend)."""
+    if position_weights is not None:  # [K]
+        position_weights = torch.as_tensor(
+            position_weights, dtype=torch.float32, device=hidden.device
+        )
+    if get_tensor_model_parallel_world_size() == 1:
+        return patch_loss(
+            hidden,
+            output_weight,
+            targets,
+            position_weights=position_weights,
+            ignore_index=IGNORE_INDEX,
+            vocab_size=cfg.vocab_size,
+            backend=cfg.ops_backend,
+        )
+    return vocab_parallel_patch_loss(
+        hidden,
+        output_weight,
+        targets,
+        vocab_start=vocab_start,
+        vocab_size=cfg.vocab_size,
+        group=get_tensor_model_parallel_group(),
+        position_weights=position_weights,
+        ignore_index=IGNORE_INDEX,
+        backend=cfg.ops_backend,
+    )
+
+
+def check_inputs(
+    cfg: GPTConfig, input_ids: torch.Tensor | None, targets: torch.Tensor | None, patch_size: int
+) -> None:
+    """Every check of a forward's inputs before any work, each a one-line error naming the
+    values. `input_ids` None: only the targets (a pipeline's last stage sees no inputs)."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ConfigError(f"patch_size={patch_size!r} must be a positive integer")
+    ids = input_ids if input_ids is not None else targets
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        name = "input_ids" if input_ids is not None else "targets"
+        raise ConfigError(
+            f"{name} must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}"
+        )
+    B, T = ids.shape
+    if T % patch_size != 0:
+        raise ConfigError(f"sequence length T={T} is not divisible by patch_size K={patch_size}")
+    if input_ids is not None and targets is not None and tuple(targets.shape) != (B, T):
+        raise ConfigError(
+            f"targets must have the shape of input_ids {(B, T)} (the window shifted by K={patch_size}), "
+            f"got {tuple(targets.shape)}"
+        )
+    if input_ids is not None:
+        _check_ids("input_ids", input_ids, cfg.vocab_size)
+    if targets is not None:
+        _check_ids("targets", targets[targets != IGNORE_INDEX], cfg.vocab_size)
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:

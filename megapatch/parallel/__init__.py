@@ -1,4 +1,5 @@
-"""Tensor parallelism: TP x DP process groups, the DeepSpeed mpu, autograd mappings and layers."""
+"""Tensor, data and pipeline parallelism: TP x DP x PP process groups, the DeepSpeed mpu,
+autograd mappings, layers, and the pipeline topology and stage split."""
 
 from megapatch.parallel.layers import (
     ColumnParallelLinear,
@@ -19,18 +20,25 @@ from megapatch.parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megapatch.parallel.mpu import ModelParallelUnit, mpu
+from megapatch.parallel.pipeline import empty_stages, partition_layers, pipeline_topology
 from megapatch.parallel.state import (
     destroy_model_parallel,
     get_data_parallel_group,
     get_data_parallel_group_ranks,
     get_data_parallel_rank,
     get_data_parallel_world_size,
+    get_pipeline_model_parallel_group,
+    get_pipeline_model_parallel_rank,
+    get_pipeline_model_parallel_ranks,
+    get_pipeline_model_parallel_world_size,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_ranks,
     get_tensor_model_parallel_src_rank,
     get_tensor_model_parallel_world_size,
     initialize_model_parallel,
+    is_pipeline_first_stage,
+    is_pipeline_last_stage,
     model_parallel_is_initialized,
 )
 
@@ -50,6 +58,15 @@ __all__ = [
     "get_data_parallel_group_ranks",
     "get_data_parallel_rank",
     "get_data_parallel_world_size",
+    "get_pipeline_model_parallel_group",
+    "get_pipeline_model_parallel_rank",
+    "get_pipeline_model_parallel_ranks",
+    "get_pipeline_model_parallel_world_size",
+    "is_pipeline_first_stage",
+    "is_pipeline_last_stage",
+    "pipeline_topology",
+    "partition_layers",
+    "empty_stages",
     "mpu",
     "ModelParallelUnit",
     "copy_to_tensor_model_parallel_region",

@@ -1,10 +1,12 @@
-"""Tensor-parallel x data-parallel process groups, with Megatron-core names.
+"""Tensor-, data- and pipeline-parallel process groups, with Megatron-core names.
 
-Ranks are laid out TP-first: with TP size t, ranks [0..t-1] form the first TP group,
-[t..2t-1] the second, and so on, so a TP group stays inside a node when t divides the
-GPUs per node. Data-parallel groups stride by t: {0, t, 2t, ...}, {1, t+1, ...}.
+Ranks are laid out TP innermost, then DP, then PP (as Megatron-DeepSpeed lays out
+DeepSpeed's pipeline topology): rank = pp * (DP * TP) + dp * TP + tp. With TP size t,
+ranks [0..t-1] form the first TP group, so a TP group stays inside a node when t divides
+the GPUs per node; data-parallel groups stride by t inside one pipeline stage, and a
+pipeline runs over ranks DP x TP apart.
 
-Before `initialize_model_parallel` the getters answer as if TP=1 and DP=world, so
+Before `initialize_model_parallel` the getters answer as if TP=1, PP=1 and DP=world, so
 single-process code (tests, export, generation) needs no setup.
 """
 
@@ -21,12 +23,18 @@ _TENSOR_MODEL_PARALLEL_GROUP = None
 _TENSOR_MODEL_PARALLEL_RANKS: list[int] | None = None
 _DATA_PARALLEL_GROUP = None
 _DATA_PARALLEL_RANKS: list[int] | None = None
+_PIPELINE_MODEL_PARALLEL_GROUP = None
+_PIPELINE_MODEL_PARALLEL_RANKS: list[int] | None = None
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
-    """Create the TP and DP groups. Call on every rank, after torch.distributed is initialized."""
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1
+) -> None:
+    """Create the TP, DP and PP groups. Call on every rank, after torch.distributed is
+    initialized."""
     global _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS
     global _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS
+    global _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel() needs torch.distributed to be initialized")
     if model_parallel_is_initialized():
@@ -34,25 +42,41 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
             "model parallel groups are already initialized; call destroy_model_parallel() first"
         )
     world_size = dist.get_world_size()
-    tp = tensor_model_parallel_size
-    if not isinstance(tp, int) or tp < 1 or world_size % tp != 0:
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    for name, size in (("tensor", tp), ("pipeline", pp)):
+        if not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{name}_model_parallel_size={size!r} must be a positive integer")
+    if world_size % (tp * pp):
         raise ConfigError(
-            f"tensor_model_parallel_size={tp!r} must be a positive integer dividing the world size {world_size}"
+            f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} must divide "
+            f"the world size {world_size}"
         )
+    dp = world_size // (tp * pp)
     rank = dist.get_rank()
 
+    def layout(p: int, d: int, t: int) -> int:
+        return p * dp * tp + d * tp + t
+
     # Every rank must create every group, in the same order (new_group is collective).
-    for first in range(0, world_size, tp):
-        ranks = list(range(first, first + tp))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS = group, ranks
-    for offset in range(tp):
-        ranks = list(range(offset, world_size, tp))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = group, ranks
-    logger.info("model parallel: TP=%d x DP=%d over %d ranks", tp, world_size // tp, world_size)
+    for p in range(pp):
+        for d in range(dp):
+            ranks = [layout(p, d, t) for t in range(tp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS = group, ranks
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [layout(p, d, t) for d in range(dp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = group, ranks
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [layout(p, d, t) for p in range(pp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS = group, ranks
+    logger.info("model parallel: TP=%d x DP=%d x PP=%d over %d ranks", tp, dp, pp, world_size)
 
 
 def model_parallel_is_initialized() -> bool:
@@ -63,11 +87,17 @@ def destroy_model_parallel() -> None:
     """Forget the groups (the process group itself stays up), e.g. between tests."""
     global _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS
     global _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS
-    for group in (_TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP):
+    global _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS
+    for group in (
+        _TENSOR_MODEL_PARALLEL_GROUP,
+        _DATA_PARALLEL_GROUP,
+        _PIPELINE_MODEL_PARALLEL_GROUP,
+    ):
         if group is not None and dist.is_initialized():
             dist.destroy_process_group(group)
     _TENSOR_MODEL_PARALLEL_GROUP = _TENSOR_MODEL_PARALLEL_RANKS = None
     _DATA_PARALLEL_GROUP = _DATA_PARALLEL_RANKS = None
+    _PIPELINE_MODEL_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_RANKS = None
 
 
 def _global_rank() -> int:
@@ -121,3 +151,30 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_rank() -> int:
     return get_data_parallel_group_ranks().index(_global_rank())
+
+
+# Pipeline model parallel. Uninitialized: one stage.
+
+
+def get_pipeline_model_parallel_group():
+    return _PIPELINE_MODEL_PARALLEL_GROUP
+
+
+def get_pipeline_model_parallel_ranks() -> list[int]:
+    return _PIPELINE_MODEL_PARALLEL_RANKS or [_global_rank()]
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return len(get_pipeline_model_parallel_ranks())
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return get_pipeline_model_parallel_ranks().index(_global_rank())
+
+
+def is_pipeline_first_stage() -> bool:
+    return get_pipeline_model_parallel_rank() == 0
+
+
+def is_pipeline_last_stage() -> bool:
+    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1

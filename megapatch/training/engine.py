@@ -1,5 +1,7 @@
 """The DeepSpeed engine: its config, weight-decay groups, building it, the batch shape of a
-phase, the LR, the optimizer reset at a switch, and the gradient norm.
+phase, the LR, the optimizer reset at a switch, and the gradient norm. With pipeline
+parallelism it is DeepSpeed's pipeline engine, which runs a whole optimizer step (1F1B
+over the step's micro-batches) in `train_batch`.
 
 megapatch owns the LR schedule (megapatch.training.schedule) and the phase switch, so
 DeepSpeed gets no scheduler and no curriculum; we set the LR on the optimizer every step.
@@ -7,6 +9,7 @@ DeepSpeed gets no scheduler and no curriculum; we set the LR on the optimizer ev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -139,8 +142,10 @@ def build_engine(
     from megapatch import parallel
     from megapatch.checkpoint.reshard import universal_checkpoint_info
 
-    # Saved in every checkpoint: how to merge the TP shards when it is resharded.
-    model.universal_checkpoint_info = universal_checkpoint_info(model)
+    pipelined = cfg.parallel.pipeline_model_parallel_size > 1
+    if not pipelined:
+        # Saved in every checkpoint: how to merge the TP shards when it is resharded.
+        model.universal_checkpoint_info = universal_checkpoint_info(model)
 
     t = cfg.train
     config = deepspeed_config(
@@ -159,19 +164,83 @@ def build_engine(
     )
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    guarded = pipelined and not _wraps_optimizer(config)
+    if pipelined:
+        # Activations cross a stage boundary whole: sent in 1/TP slices and gathered by the
+        # receiver (DeepSpeed's partitioning) only when every TP rank holds the same tensor,
+        # which sequence parallelism breaks (each holds its own L/TP positions).
+        sliced = not cfg.parallel.sequence_parallel
+        config["pipeline"] = {
+            "pipe_partitioned": sliced,
+            "grad_partitioned": sliced,
+            **config.get("pipeline", {}),
+        }
+        if guarded:
+            config["gradient_clipping"] = 0.0  # clipped by PipelineStepGuard, norm kept
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),
         config=config,
-        mpu=parallel.mpu,
+        # The pipeline module brings its own mpu: DeepSpeed's grid of the same topology.
+        mpu=None if pipelined else parallel.mpu,
     )
+    if guarded:
+        engine.step_guard = PipelineStepGuard(engine, t.grad_clip)
     return engine
 
 
+def _wraps_optimizer(config: dict[str, Any]) -> bool:
+    return bool(
+        config["zero_optimization"]["stage"] > 0
+        or config["bf16"]["enabled"]
+        or config["fp16"]["enabled"]
+    )
+
+
+def is_pipeline(engine) -> bool:
+    return hasattr(engine, "train_batch")
+
+
+class PipelineStepGuard:
+    """For the pipeline engine in plain fp32 without ZeRO, where DeepSpeed would apply a
+    non-finite step and keeps no gradient norm (and `train_batch` leaves no moment between
+    the last backward and the step): the optimizer's step first clips (DeepSpeed's own
+    clipping is turned off), keeping the norm before clipping, and skips a non-finite one.
+    The norm is summed over the whole model (every stage and TP rank), so every rank
+    takes the same decision."""
+
+    def __init__(self, engine, max_norm: float):
+        self.engine, self.max_norm = engine, max_norm
+        self.optimizer = base_optimizer(engine)
+        self._step = self.optimizer.step
+        self.optimizer.step = self.step
+        self.grad_norm: float | None = None
+
+    def step(self, *args, **kwargs):
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [
+            p
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        limit = self.max_norm if self.max_norm > 0 else math.inf
+        self.grad_norm = float(clip_grad_norm_(params, max_norm=limit, mpu=self.engine.mpu))
+        if not math.isfinite(self.grad_norm):
+            return None  # skipped, as DeepSpeed's wrapping optimizers skip it
+        return self._step(*args, **kwargs)
+
+
 def shape_engine(engine, phase, dp_size: int) -> None:
-    """DeepSpeed's batch shape for `phase`; the loss scale 1/accumulation follows from it."""
+    """DeepSpeed's batch shape for `phase`; the loss scale 1/accumulation follows from it.
+    A pipeline also learns the phase's K and target weights, and re-sizes its stage
+    buffers (the micro-batch may change at a switch)."""
     engine.set_train_micro_batch_size(phase.micro_batch_size)
     engine.set_train_batch_size(phase.micro_batch_size * phase.grad_accum * dp_size)
+    if is_pipeline(engine):
+        engine.module.set_phase(phase.patch_size, phase.position_weights)
+        engine.reset_activation_shape()
 
 
 def keeps_grad_norm(engine) -> bool:

@@ -34,15 +34,19 @@ def windowed_loss(
     forward's (the K targets' weights; None = uniform).
     """
     windows = np.asarray(windows if isinstance(windows, np.ndarray) else list(windows))
-    total = torch.zeros(2, dtype=torch.float64)  # [sum of losses, target tokens]
     k = patch_size
     weighted = {} if position_weights is None else {"position_weights": position_weights}
-    # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
-    # a rank short of windows repeats one with all its targets ignored.
+    # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively; a
+    # pipeline's stages run them together): a rank short of windows repeats one with all
+    # its targets ignored.
     per_rank = -(-len(windows) // dp_size)
+    pipelined = hasattr(forward, "eval_batch")  # DeepSpeed's pipeline engine
+    if pipelined:  # whole micro-batches: the stage buffers keep one shape
+        per_rank = -(-per_rank // micro_batch_size) * micro_batch_size
     mine = list(range(dp_rank, len(windows), dp_size))
     n_real = len(mine)
     mine += [0] * (per_rank - n_real)
+    micro_batches = []
     for start in range(0, per_rank, micro_batch_size):
         idx = mine[start : start + micro_batch_size]
         batch = torch.from_numpy(windows[idx].astype(np.int64)).to(device)
@@ -50,13 +54,46 @@ def windowed_loss(
         n_pad = max(0, start + len(idx) - n_real)
         if n_pad:
             targets[len(idx) - n_pad :] = IGNORE_INDEX
-        loss = forward(batch[:, :-k], targets, patch_size=k, **weighted)
+        micro_batches.append((batch[:, :-k], targets))
+    if pipelined:
+        losses = pipeline_losses(forward, micro_batches, patch_size=k, **weighted)
+    else:
+        losses = [forward(x, y, patch_size=k, **weighted) for x, y in micro_batches]
+    total = torch.zeros(2, dtype=torch.float64)  # [sum of losses, target tokens]
+    for (_, targets), loss in zip(micro_batches, losses):
         n_targets = int((targets != IGNORE_INDEX).sum())
-        total += torch.tensor([loss.double().item() * n_targets, n_targets], dtype=torch.float64)
+        if n_targets:  # an all-padding micro-batch's mean is 0/0
+            total += torch.tensor([float(loss) * n_targets, n_targets], dtype=torch.float64)
     if dist.is_initialized() and dp_size > 1:
         dist.all_reduce(total, group=dp_group)
     loss_sum, count = total.tolist()
     return (loss_sum / count if count else math.nan), int(count)
+
+
+def pipeline_losses(engine, micro_batches, *, patch_size: int, position_weights=None):
+    """Each micro-batch's mean loss, on every rank, from one pass of DeepSpeed's pipeline
+    engine over all of them (so the stages overlap); the phase's K and target weights
+    are restored afterwards. Micro-batches must share one shape (the stage buffers' size)."""
+    from megapatch import parallel
+
+    pipe = engine.module
+    saved = (pipe.phase.patch_size, pipe.phase.position_weights)
+    pipe.set_phase(patch_size, position_weights)
+    try:
+        out = engine.eval_batch(
+            iter(micro_batches),
+            num_micro_batches=len(micro_batches),
+            reduce_output=None,  # per micro-batch; the caller weights them by their targets
+            bcast_loss=False,
+        )
+    finally:
+        pipe.set_phase(*saved)
+    losses = torch.zeros(len(micro_batches), dtype=torch.float32, device=engine.device)
+    if parallel.is_pipeline_last_stage():
+        losses.copy_(torch.stack([loss.float().reshape(()) for loss in out]))
+    last = parallel.get_pipeline_model_parallel_ranks()[-1]
+    dist.broadcast(losses, src=last, group=parallel.get_pipeline_model_parallel_group())
+    return losses.tolist()
 
 
 def perplexity(loss: float) -> float:

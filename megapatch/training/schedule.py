@@ -166,6 +166,7 @@ class StagePlan:
         model_dims: ModelDims | None = None,
         stages: list[dict] | None = None,
         batching: str = "tokens",
+        pipeline_size: int = 1,
     ):
         """`stages`: [{size, fraction[, position_weights, reset_optimizer, rewarm]}], the
         patch stages in order (the last two for the switch at the stage's end, defaulting
@@ -192,6 +193,9 @@ class StagePlan:
             self.inputs["stages"] = [dict(st) for st in stages]
         if batching != "tokens":
             self.inputs["batching"] = batching
+        if pipeline_size != 1:
+            self.inputs["pipeline_size"] = pipeline_size
+        self.pipeline_size = pipeline_size
         self.batching = batching
         self.source = source
         self._provenance = provenance or {}  # dotted key -> file or override that set it
@@ -291,12 +295,34 @@ class StagePlan:
                     f"{sequences:,} {name}-phase sequences per step (tokens_per_step / (K x L)) "
                     f"divisible by the data-parallel size {dp}",
                 )
-            micro = _largest_divisor_at_most(sequences // dp, self.inputs["micro_batch_size"])
+            micro = self._patch_micro_batch(sequences // dp, token_sequences // dp)
         weights = stage["position_weights"]
         return Phase(
             name, k, self.seq_len, steps, first, sequences, micro, sequences // (dp * micro), dp,
             None, position_weights=tuple(weights) if weights else None,
         )  # fmt: skip
+
+    def _patch_micro_batch(self, per_rank: int, token_per_rank: int) -> int:
+        """The patch phase's micro-batch: a divisor of its sequences per rank. Without a
+        pipeline, the largest up to the token phase's (same activation memory). With one,
+        the largest that still gives at least the token phase's micro-batches per step, so
+        its bubble (P-1)/(m+P-1) is no larger; when even 1 cannot, 1 (the most micro-batches
+        the budget's batch allows)."""
+        token_micro = self.inputs["micro_batch_size"]
+        if self.pipeline_size == 1:
+            return _largest_divisor_at_most(per_rank, token_micro)
+        token_accum = token_per_rank // token_micro
+        fits = [
+            d
+            for d in range(1, min(per_rank, token_micro) + 1)
+            if per_rank % d == 0 and per_rank // d >= token_accum
+        ]
+        return max(fits) if fits else 1
+
+    def bubble(self, phase: Phase) -> float:
+        """The pipeline bubble of a 1F1B step of `phase`: (P-1)/(m+P-1), m micro-batches."""
+        p = self.pipeline_size
+        return (p - 1) / (phase.grad_accum + p - 1)
 
     def _with_lr_curves(self, phases, warmup, lr, min_lr, decay) -> list[Phase]:
         """Each phase's LR curve: a switch whose stage says rewarm starts a new curve
@@ -397,6 +423,7 @@ class StagePlan:
             model_dims=dims,
             stages=stages,
             batching=p.batching,
+            pipeline_size=cfg.parallel.pipeline_model_parallel_size,
         )
 
     # ------------------------------------------------------------------ queries
@@ -510,7 +537,10 @@ class StagePlan:
 
     def table(self) -> str:
         """The phases as a text table, then the LR curves and the switch."""
-        rows = [[column(ph) for _, column in _COLUMNS] for ph in self.phases]
+        columns = list(_COLUMNS)
+        if self.pipeline_size > 1:
+            columns.append(("PP bubble", lambda ph: f"{self.bubble(ph):.1%}"))
+        rows = [[column(ph) for _, column in columns] for ph in self.phases]
         if len(self.phases) > 1:
             total = {
                 "phase": "total",
@@ -518,8 +548,8 @@ class StagePlan:
                 "tokens": f"{self.tokens_read:,}",
             }
             total["tokens/step"] = f"{self.tokens_per_step:,}" if self.batching == "tokens" else ""
-            rows.append([total.get(name, "") for name, _ in _COLUMNS])
-        lines = _format_table([name for name, _ in _COLUMNS], rows)
+            rows.append([total.get(name, "") for name, _ in columns])
+        lines = _format_table([name for name, _ in columns], rows)
         lines.append("")
         for i, ph in enumerate(self.phases):
             curve = ph.lr_schedule
@@ -540,6 +570,8 @@ class StagePlan:
                 f"{before.micro_batch_size} x {before.grad_accum} -> "
                 f"{ph.micro_batch_size} x {ph.grad_accum}, {optimizer}"
             )
+        if self.pipeline_size > 1:
+            lines.extend(self._pipeline_lines())
         for ph in self.phases:
             if ph.position_weights:
                 weights = ", ".join(f"{w:.3g}" for w in ph.position_weights)
@@ -554,6 +586,34 @@ class StagePlan:
                 f"of {self.total_steps:,} steps"
             )
         return "\n".join(lines)
+
+    def _pipeline_lines(self) -> list[str]:
+        """What the pipeline costs each phase, and why the patch micro-batch is what it is."""
+        p, token = self.pipeline_size, self.phases[-1]
+        lines = [
+            f"pipeline: {p} stages, 1F1B; bubble (P-1)/(m+P-1) with m micro-batches per step: "
+            + ", ".join(
+                f"{ph.name} m={ph.grad_accum} -> {self.bubble(ph):.1%}" for ph in self.phases
+            )
+        ]
+        for ph in self.phases[:-1]:
+            if self.batching != "tokens" or ph.micro_batch_size == token.micro_batch_size:
+                continue
+            if ph.grad_accum >= token.grad_accum:
+                why = (
+                    f"the largest that keeps at least the token phase's {token.grad_accum} "
+                    "micro-batches per step, so its bubble is no larger"
+                )
+            else:
+                why = (
+                    f"the budget's {ph.sequences_per_step} sequences per step allow no more than "
+                    f"{ph.grad_accum} micro-batches, so its bubble is larger than the token phase's"
+                )
+            lines.append(
+                f"pipeline: {ph.name} micro-batch {ph.micro_batch_size} (token phase "
+                f"{token.micro_batch_size}): {why}"
+            )
+        return lines
 
 
 # The plan table: (header, cell of a phase).
@@ -603,10 +663,19 @@ def plan_for_world(
 
     check = Checker(cfg.provenance, cfg.source)
     tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
     if world_size % tp:
         check.fail(
             "parallel.tensor_model_parallel_size", tp, f"a divisor of the world size {world_size}"
         )
+    if world_size % (tp * pp):
+        check.fail(
+            "parallel.pipeline_model_parallel_size",
+            pp,
+            f"a divisor of the world size {world_size} / TP={tp} (world size = TP x DP x PP)",
+        )
+    if pp > 1 and vocab_size is not None:
+        check_pipeline_split(cfg, vocab_size, check)
     par = cfg.parallel
     expected = par.nodes * par.gpus_per_node if par.gpus_per_node else None
     if expected is not None and expected != world_size:
@@ -620,4 +689,22 @@ def plan_for_world(
             f"{cfg.source}: {local_world_size} ranks on this node but only {local_devices} devices; "
             "start one rank per device"
         )
-    return StagePlan.from_config(cfg, dp_size=world_size // tp, vocab_size=vocab_size)
+    return StagePlan.from_config(cfg, dp_size=world_size // (tp * pp), vocab_size=vocab_size)
+
+
+def check_pipeline_split(cfg, vocab_size: int, check) -> None:
+    """Every pipeline stage of the parameter-balanced split holds a transformer block."""
+    from megapatch.model import GPTConfig
+    from megapatch.model.pipeline import stage_partition
+    from megapatch.parallel import empty_stages
+
+    pp, n = cfg.parallel.pipeline_model_parallel_size, cfg.model.n_layers
+    parts = stage_partition(GPTConfig.from_run_config(cfg, vocab_size), pp)
+    empty = empty_stages(parts, 1, n + 1)
+    if empty:
+        check.fail(
+            "parallel.pipeline_model_parallel_size",
+            pp,
+            f"fewer stages: split by parameters, the {n} blocks and the embedding and output "
+            f"layers (vocabulary {vocab_size:,}) leave stage {empty[0]} without a block",
+        )

@@ -11,6 +11,8 @@ and window, the optimizer reset the plan asks for, K and the target weights).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,10 +84,14 @@ class Trainer:
             local_devices=local_devices,
             vocab_size=self.vocab_size,
         )
-        parallel.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
+        tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        parallel.initialize_model_parallel(tp, pp)
         self.dp_rank = parallel.get_data_parallel_rank()
         self.dp_size = parallel.get_data_parallel_world_size()
         self.is_rank0 = env.rank == 0
+        self.pipelined = pp > 1
+        # A pipeline's middle stages take activations, not data.
+        self.reads_data = parallel.is_pipeline_first_stage() or parallel.is_pipeline_last_stage()
 
         self.run_dir = Path(cfg.run.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last or 0)
@@ -112,13 +118,21 @@ class Trainer:
             "config_hash": cfg.config_hash(),
             "model_config": asdict(self.model_config),
             "tokenizer_sha256": self.corpus.tokenizer_sha256,
-            "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+            "tensor_model_parallel_size": tp,
             "zero_stage": cfg.parallel.zero_stage,
             "data_parallel_size": self.dp_size,
         }
+        if self.pipelined:  # absent at PP=1: earlier checkpoints keep their identity
+            self.identity["pipeline_model_parallel_size"] = pp
         self.resume_from = resume_point(cfg, self.ckpt, self.identity)
 
-        model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
+        if self.pipelined:
+            from megapatch.model.pipeline import build_pipeline_model
+
+            topology = parallel.pipeline_topology(tp, pp, self.dp_size)
+            model = build_pipeline_model(self.model_config, cfg.run.seed, topology, pp)
+        else:
+            model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
         if cfg.init.from_hf:
             from megapatch.checkpoint.hf import load_hf_into_model
 
@@ -135,6 +149,7 @@ class Trainer:
         )
         self.native_skip = engine_ops.skips_nonfinite_steps(self.engine)
         self.native_grad_norm = engine_ops.keeps_grad_norm(self.engine)
+        self.step_guard = getattr(self.engine, "step_guard", None)
         self.progress = Progress.start([p.name for p in self.plan.phases])
         self.preemption = PreemptionHandler()
         self.peak = (
@@ -188,6 +203,8 @@ class Trainer:
             self.dp_size,
         )
         self.close_loader()
+        if not self.reads_data:
+            return iter(())
         self.loader = phase_batches(
             self.cfg,
             self.streams[phase.name],
@@ -207,6 +224,8 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, phase, batches) -> tuple[float, bool, float | None]:
+        if self.pipelined:
+            return self.pipeline_step(phase, batches)
         engine, k, weights = self.engine, phase.patch_size, phase.position_weights
         engine_ops.set_lr(engine, self.plan.lr(self.progress.global_step))
         losses = []
@@ -236,6 +255,30 @@ class Trainer:
             dist.all_reduce(mean_loss, group=parallel.get_data_parallel_group())
             mean_loss /= self.dp_size
         return float(mean_loss), bad, (float(grad_norm) if grad_norm is not None else None)
+
+    def pipeline_step(self, phase, batches) -> tuple[float, bool, float | None]:
+        """One step on the pipeline engine: `train_batch` runs the step's micro-batches
+        through the stages (1F1B), reduces the gradients and steps; its loss is the mean
+        over the micro-batches and DP ranks, on every rank."""
+        engine, k = self.engine, phase.patch_size
+        engine_ops.set_lr(engine, self.plan.lr(self.progress.global_step))
+        self.step_crc = 0 if faults.record_data_crc() else None
+
+        def micro_batches():
+            for _ in range(phase.grad_accum):
+                batch = next(batches)
+                if self.step_crc is not None:
+                    self.step_crc += data_crc(batch)
+                yield batch[:, :-k], batch[:, k:]
+
+        with _poisoned_loss(engine.module, faults.nan_at(self.progress.global_step)):
+            loss = float(engine.train_batch(micro_batches() if self.reads_data else None))
+        bad = not math.isfinite(loss)  # broadcast from the last stage: the same on every rank
+        if self.step_guard is not None:
+            grad_norm = self.step_guard.grad_norm
+        else:
+            grad_norm = engine.get_global_grad_norm()
+        return loss, bad, (float(grad_norm) if grad_norm is not None else None)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -376,6 +419,19 @@ class Trainer:
             f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); the last good checkpoint "
             f"is {latest.path if latest else 'none'}: lower train.lr or check the data, then resume"
         )
+
+
+@contextlib.contextmanager
+def _poisoned_loss(pipe, poison: bool):
+    """The fault hook's NaN loss (faults.nan_at) on a pipeline, whose loss is computed on the
+    last stage inside `train_batch`."""
+    original = pipe.loss_fn
+    if poison and original is not None:
+        pipe.loss_fn = lambda outputs, labels: original(outputs, labels) * float("nan")
+    try:
+        yield
+    finally:
+        pipe.loss_fn = original
 
 
 def train(cfg: RunConfig) -> RunResult:
