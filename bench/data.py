@@ -1,16 +1,23 @@
 """Benchmark the data path: tokenization in `megapatch prep`, and window assembly in the loader.
 
-    python bench/data.py            # the shakespeare sample (fetched once), 32M-token shard
-    python bench/data.py --quick    # smaller, a smoke run
+    python bench/data.py                    # the shakespeare sample (fetched once), 32M-token shard
+    python bench/data.py --corpus-mb 36 --only tokenize   # a larger corpus, tokenization only
+    python bench/data.py --quick            # smaller, a smoke run
 
-Tokenization: the sample corpus (synthetic text if it cannot be fetched) is prepped with
-a tokenizer trained beforehand, with 1 and 2 workers, once with a sentencepiece BPE and
-once with a Hugging Face byte-level BPE (tokenizer.json) of the same vocabulary size
-trained on the same text; MB/s counts input text over the whole prep (read, decode,
-tokenize, write shards), so it includes each worker's start-up and cold word cache.
-Beside it, single-process encode rates of sentencepiece on whole documents (the library
-path), of megapatch's word-cached encoder, cold and warm, and the same for the HF
-tokenizer: the library's batch encoding and megapatch's word cache over it, cold and warm.
+Tokenization: the corpus is the sample (synthetic text if it cannot be fetched) or, with
+--corpus-mb, the sample followed by the Python standard library's own .py files (path
+order, test directories included) up to that size: text new to every cache, as a large
+real corpus is. It is prepped with a tokenizer trained beforehand on an even sample of
+at most 5 MB of it, with 1 and 2 workers, once with a sentencepiece BPE and once with a
+Hugging Face byte-level BPE (tokenizer.json) of the same vocabulary size trained on the
+same text. Each prep runs in a fresh process, as `megapatch prep` does, so MB/s counts
+input text over the whole prep (read, decode, tokenize, write shards) including the
+one-off check of the HF word cache, each worker's start-up and cold word cache (not the
+interpreter's start-up and imports). Beside it, single-process encode rates of
+sentencepiece on whole documents (the library path), of megapatch's word-cached encoder,
+cold and warm, and the same for the HF tokenizer: the library's batch encoding and
+megapatch's word cache over it, cold and warm; and the one-off check's seconds in a fresh
+process.
 
 Megatron conversion: `prep --from-megatron` of a 128M-token uint16 shard written by
 megatron-core's own builder (when installed), zero-copy and rewritten; MB/s of the .bin.
@@ -29,7 +36,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +67,10 @@ LOADER_TARGET = 50e6  # tokens/s
 TOKENIZE_TARGET = 3.0  # MB/s per worker
 
 
-def corpus_texts(quick: bool, workdir: Path) -> tuple[str, list[Path]]:
+TRAIN_SAMPLE_MB = 5.0  # the tokenizers are trained on at most this much of the corpus
+
+
+def corpus_texts(quick: bool, workdir: Path, corpus_mb: float | None) -> tuple[str, list[Path]]:
     try:
         paths = fetch_sample("shakespeare")
         name = "shakespeare sample"
@@ -72,7 +84,80 @@ def corpus_texts(quick: bool, workdir: Path) -> tuple[str, list[Path]]:
         name = "synthetic text"
     if quick:
         paths = paths[:8]
+    if corpus_mb:
+        paths = paths + _stdlib_sources(workdir / "stdlib", corpus_mb * 1e6 - _size(paths))
+        name += " + Python standard library sources"
     return name, paths
+
+
+def _size(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def _stdlib_sources(directory: Path, budget: float) -> list[Path]:
+    """The standard library's .py files (UTF-8 ones, in path order) as .txt documents, up
+    to `budget` bytes."""
+    directory.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out: list[Path] = []
+    for source in sorted(stdlib.rglob("*.py")):
+        if budget <= 0:
+            break
+        if "site-packages" in source.relative_to(stdlib).parts:
+            continue
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        path = directory / f"{len(out):05d}.txt"
+        path.write_text(text, encoding="utf-8")
+        budget -= path.stat().st_size
+        out.append(path)
+    if budget > 0:
+        print(f"(the standard library ran out {budget / 1e6:.1f} MB short)", file=sys.stderr)
+    return out
+
+
+def _even_sample(texts: list[str], limit_mb: float) -> list[str]:
+    """Every k-th text, so that they hold at most about `limit_mb` MB."""
+    total = sum(len(t.encode()) for t in texts) / 1e6
+    step = max(1, round(total / limit_mb + 0.5))
+    return texts[::step]
+
+
+# Runs one prep in a fresh process (as `megapatch prep` does: nothing cached from this one)
+# and prints its seconds, CPU seconds (with its workers) and tokens as JSON.
+_PREP_DRIVER = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from data_prep import PrepConfig, prepare
+def cpu():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+start = cpu()
+result = prepare(PrepConfig(**json.loads(sys.argv[2])))
+print(json.dumps({"seconds": result.seconds, "cpu": cpu() - start,
+                  "tokens": sum(result.num_tokens.values())}))
+"""
+# The one-off check of the HF word cache at first use, in a fresh process.
+_CHECK_DRIVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from megapatch.data import load_tokenizer
+tok = load_tokenizer(sys.argv[2])
+start, cpu = time.perf_counter(), time.process_time()
+tok.prepare()
+print(time.perf_counter() - start, time.process_time() - cpu, tok._splitter is not None)
+"""
+
+
+def _fresh_process(driver: str, *args: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", driver, str(ROOT), *args], capture_output=True, text=True
+    )
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr.strip().splitlines()[-1])
+    return run.stdout.strip().splitlines()[-1]
 
 
 def _cpu_seconds() -> float:
@@ -85,13 +170,19 @@ def _cpu_seconds() -> float:
 def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: int) -> dict:
     texts = [p.read_text(encoding="utf-8") for p in paths]
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    model = train_tokenizer(texts, vocab_size)
+    sample = _even_sample(texts, TRAIN_SAMPLE_MB)
+    model = train_tokenizer(sample, vocab_size)
     tokenizer_paths = {"sentencepiece": workdir / "bench.model"}
     tokenizer_paths["sentencepiece"].write_bytes(model)
     # The same text and vocabulary size through a Hugging Face byte-level BPE.
-    bpe = train_bpe(texts, vocab_size)
+    bpe = train_bpe(sample, vocab_size)
     (workdir / "hf").mkdir()
     tokenizer_paths["huggingface"] = bpe.save(workdir / "hf")
+    checks = []
+    for _ in range(repeats):
+        wall, cpu, on = _fresh_process(_CHECK_DRIVER, str(tokenizer_paths["huggingface"])).split()
+        checks.append((float(wall), float(cpu)))
+        assert on == "True", "the word cache is off for a trained byte-level BPE"
 
     def encode_all(encode) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -114,7 +205,7 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
         encode.setdefault("megapatch encode, cold word cache", []).append(encode_all(tok.encode))
         encode.setdefault("megapatch encode, warm word cache", []).append(encode_all(tok.encode))
         hf = load_tokenizer(tokenizer_paths["huggingface"])
-        hf.prepare()  # the one-off check of the word cache's exactness, not timed
+        hf.prepare()  # the one-off check, timed on its own above (in a fresh process)
         encode.setdefault("HF tokenizers encode_batch_fast (library path)", []).append(
             encode_batches(hf.encode_plain_batch)
         )
@@ -131,18 +222,17 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
     tokens = {}
     for rep in range(repeats):
         for kind, workers in preps:
-            config = PrepConfig(
-                out=str(workdir / f"prep-{kind}-{workers}-{rep}"),
-                inputs=[str(p) for p in paths],
-                tokenizer=str(tokenizer_paths[kind]),
-                valid_fraction=0.05,
-                workers=workers,
-                progress=False,
-            )
-            cpu = _cpu_seconds()
-            result = prepare(config)
-            preps[kind, workers].append((result.seconds, _cpu_seconds() - cpu))
-            tokens[kind] = sum(result.num_tokens.values())
+            config = {
+                "out": str(workdir / f"prep-{kind}-{workers}-{rep}"),
+                "inputs": [str(p) for p in paths],
+                "tokenizer": str(tokenizer_paths[kind]),
+                "valid_fraction": 0.05,
+                "workers": workers,
+                "progress": False,
+            }
+            result = json.loads(_fresh_process(_PREP_DRIVER, json.dumps(config)))
+            preps[kind, workers].append((result["seconds"], result["cpu"]))
+            tokens[kind] = result["tokens"]
     same = {
         kind: all(
             (workdir / f"prep-{kind}-1-0" / f.name).read_bytes() == f.read_bytes()
@@ -164,7 +254,13 @@ def bench_tokenize(paths: list[Path], workdir: Path, vocab_size: int, repeats: i
         prep_rows[f"{kind}, {workers} worker{'s' if workers > 1 else ''}"] = row
     return {
         "corpus_MB": mb,
+        "documents": len(texts),
+        "tokenizer_sample_MB": sum(len(t.encode()) for t in sample) / 1e6,
         "vocab_size": vocab_size,
+        "hf_word_cache_check_seconds": {
+            "wall": min(w for w, _ in checks),
+            "cpu": min(c for _, c in checks),
+        },
         "encode": {label: best(runs) for label, runs in encode.items()},
         "prep": prep_rows,
         "outputs_identical_across_workers": same,
@@ -288,29 +384,17 @@ def bench_loader(workdir: Path, num_tokens: int, steps: int, repeats: int = 3) -
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    load_at_start = os.getloadavg()  # other processes on a shared machine slow wall-clock rates
-
-    with tempfile.TemporaryDirectory(prefix="megapatch-bench-") as tmp:
-        workdir = Path(tmp)
-        name, paths = corpus_texts(args.quick, workdir)
-        tokenize = bench_tokenize(
-            paths, workdir, vocab_size=1024 if args.quick else 4096, repeats=2 if args.quick else 3
-        )
-        tokenize["corpus"] = name
-        megatron = bench_megatron(
-            workdir, 1 << 22 if args.quick else 1 << 27, 2 if args.quick else 3
-        )
-        loader = bench_loader(
-            workdir, 4_000_000 if args.quick else 32_000_000, 40 if args.quick else 400
-        )
-
-    print(f"\ntokenization: {name}, {tokenize['corpus_MB']:.1f} MB, vocab {tokenize['vocab_size']}")
+def print_tokenize(tokenize: dict) -> None:
+    print(
+        f"\ntokenization: {tokenize['corpus']}, {tokenize['corpus_MB']:.1f} MB in "
+        f"{tokenize['documents']} documents, vocab {tokenize['vocab_size']} (tokenizers trained "
+        f"on {tokenize['tokenizer_sample_MB']:.1f} MB of it)"
+    )
+    check = tokenize["hf_word_cache_check_seconds"]
+    print(
+        f"  HF word cache check at first use, fresh process: {check['wall']:.2f} s "
+        f"({check['cpu']:.2f} s CPU)"
+    )
     print(f"  {'path (best of repeats)':<50} {'MB/s':>6} {'MB/s of CPU time':>17}")
     for label, row in tokenize["encode"].items():
         print(f"  {label + ', 1 process':<50} {row['MB/s']:>6.2f} {row['MB/s of CPU time']:>17.2f}")
@@ -323,12 +407,9 @@ def main() -> int:
         )
     identical = tokenize["outputs_identical_across_workers"]
     print(f"  outputs byte-identical for 1 and 2 workers: {identical}")
-    if megatron:
-        print("\nprep --from-megatron, one uint16 shard (best of repeats)")
-        for label, row in megatron.items():
-            print(
-                f"  {label:<50} {row['MB/s']:>8.0f} MB/s ({row['MB']:.0f} MB in {row['seconds']:.2f} s)"
-            )
+
+
+def print_loader(loader: dict) -> None:
     print(f"\nloader: K={loader['K']}, L={loader['L']}, micro-batch {loader['micro_batch']}, "
           f"{loader['shard_tokens'] / 1e6:.0f}M-token shard")  # fmt: skip
     base = loader["tokens_per_s"]["torch DataLoader, map-style, num_workers=0"]
@@ -338,6 +419,53 @@ def main() -> int:
     ours = loader["tokens_per_s"]["PrefetchLoader (1 thread)"]
     verdict = "ok" if ours >= LOADER_TARGET else "below target"
     print(f"  target ≥ {LOADER_TARGET / 1e6:.0f}M tokens/s: {verdict}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument(
+        "--corpus-mb", type=float, default=None,
+        help="tokenize a corpus of about this many MB: the sample, then the Python standard "
+        "library's sources (default: the sample alone)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", action="append", choices=("tokenize", "megatron", "loader"),
+        help="run only these parts (repeatable; default: all)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many runs")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    args = parser.parse_args()
+    parts = set(args.only or ("tokenize", "megatron", "loader"))
+    repeats = args.repeats or (2 if args.quick else 3)
+    torch.set_num_threads(1)
+    load_at_start = os.getloadavg()  # other processes on a shared machine slow wall-clock rates
+
+    tokenize = megatron = loader = None
+    with tempfile.TemporaryDirectory(prefix="megapatch-bench-") as tmp:
+        workdir = Path(tmp)
+        if "tokenize" in parts:
+            name, paths = corpus_texts(args.quick, workdir, args.corpus_mb)
+            vocab_size = 1024 if args.quick else 4096
+            tokenize = bench_tokenize(paths, workdir, vocab_size, repeats)
+            tokenize["corpus"] = name
+        if "megatron" in parts:
+            megatron = bench_megatron(workdir, 1 << 22 if args.quick else 1 << 27, repeats)
+        if "loader" in parts:
+            loader = bench_loader(
+                workdir, 4_000_000 if args.quick else 32_000_000, 40 if args.quick else 400
+            )
+
+    if tokenize:
+        print_tokenize(tokenize)
+    if megatron:
+        print("\nprep --from-megatron, one uint16 shard (best of repeats)")
+        for label, row in megatron.items():
+            print(
+                f"  {label:<50} {row['MB/s']:>8.0f} MB/s ({row['MB']:.0f} MB in {row['seconds']:.2f} s)"
+            )
+    if loader:
+        print_loader(loader)
     load_at_end = os.getloadavg()
     print(f"\nload average (1 min) at start {load_at_start[0]:.1f}, at end {load_at_end[0]:.1f} "
           f"on {os.cpu_count()} cores")  # fmt: skip
@@ -350,6 +478,7 @@ def main() -> int:
             "load_average_at_end": load_at_end,
         },
         "quick": args.quick,
+        "command": " ".join(["python", "bench/data.py", *sys.argv[1:]]),
         "targets": {
             "loader_tokens_per_s": LOADER_TARGET,
             "tokenize_MB_per_s_per_worker": TOKENIZE_TARGET,

@@ -155,8 +155,6 @@ class HFTokenizer(Tokenizer):
 
     def encode_plain_batch(self, texts: list[str]) -> list[np.ndarray]:
         """The library's own encoding (the reference for `encode_batch`)."""
-        # Set here, not at import: the tokenizers library reads it at each call.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         encodings = _encode_batch(self._tok, texts)
         return [np.array(e.ids, dtype=self.dtype) for e in encodings]
 
@@ -602,6 +600,9 @@ def _nfc_disagreements(normalizer, universe: str) -> set[str]:
 
 
 def _encode_batch(backend, texts: list[str]):
+    # One thread: prep's workers are the parallelism. Set here, not at import: the library
+    # reads it at each call (the word cache's batches of new words come through here too).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # encode_batch_fast (tokenizers >= 0.20) skips the offsets; the ids are the same
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return encode(texts, add_special_tokens=False)
