@@ -341,6 +341,7 @@ class _PatternParser:
         self.pattern, self.pos = pattern, 0
         self.predicates: set[str] = set()
         self.folded: set[str] = set()
+        self.folded_groups = 0  # (?i:...) groups read so far
 
     def peek(self, ahead: int = 0) -> str:
         i = self.pos + ahead
@@ -362,36 +363,45 @@ class _PatternParser:
         return nullable
 
     def sequence(self) -> bool:
-        nullable = True
+        nullable, folded_before = True, False
         while self.peek() not in ("", "|", ")"):
+            groups = self.folded_groups
             atom_nullable = self.atom()
-            minimum = self.quantifier()
+            minimum, repeats = self.quantifier()
+            folded = self.folded_groups > groups
+            # (?i) literals next to others, or repeated, could make one string in Oniguruma,
+            # longer than the runs `folded` records
+            if folded and (repeats or folded_before):
+                raise _Unsupported
+            folded_before = folded
             nullable = nullable and (atom_nullable or minimum == 0)
         return nullable
 
-    def quantifier(self) -> int | None:
-        """The minimum count of a quantifier here (None: none)."""
+    def quantifier(self) -> tuple[int, bool]:
+        """The minimum count of a quantifier here (1 without one), and whether it repeats."""
         char = self.peek()
         if char in ("?", "*", "+"):
             self.take()
             if self.peek() == "?":  # lazy: the same in both engines
                 self.take()
-            minimum = 1 if char == "+" else 0
+            minimum, repeats = (1 if char == "+" else 0), char != "?"
         elif char == "{":
             self.take()
-            minimum = self.number()
+            minimum = maximum = self.number()
             if self.peek() == ",":
                 self.take()
-                if self.peek() != "}" and self.number() < minimum:
+                maximum = self.number() if self.peek() != "}" else None
+                if maximum is not None and maximum < minimum:
                     raise _Unsupported
             self.take("}")
             if self.peek() == "?":  # lazy in the regex package, an optional in Oniguruma's
                 raise _Unsupported
+            repeats = maximum is None or maximum > 1
         else:
-            return None
+            return 1, False
         if self.peek() in ("?", "*", "+", "{"):  # possessive or stacked
             raise _Unsupported
-        return minimum
+        return minimum, repeats
 
     def number(self) -> int:
         start = self.pos
@@ -412,6 +422,7 @@ class _PatternParser:
             if kind == "i":
                 self.take(":")
                 nullable = self.folded_literals()
+                self.folded_groups += 1
             elif kind in (":", "=", "!"):
                 nullable = self.alternation() or kind != ":"
             else:
@@ -424,7 +435,7 @@ class _PatternParser:
             self.char_class()
             return False
         if char == "\\":
-            self.escape(in_class=False)  # a literal, or a predicate it records
+            self.escape()  # a literal, or a predicate it records
             return False
         if char == ".":  # which line breaks it skips may depend on how the engine was built
             self.predicates.add(".")
@@ -433,7 +444,7 @@ class _PatternParser:
             raise _Unsupported
         return False  # a literal character: the same code point in both engines
 
-    def escape(self, in_class: bool) -> str | None:
+    def escape(self) -> str | None:
         """An escape after the backslash: its literal character, or None for a class
         escape (recorded as a predicate)."""
         char = self.take()
@@ -465,12 +476,12 @@ class _PatternParser:
                 raise _Unsupported  # empty, nested, an intersection: read otherwise
             if char == "-" and self.pos - 1 != start and self.peek() != "]":
                 raise _Unsupported  # a dash that starts no range, but first or last
-            low = self.escape(in_class=True) if char == "\\" else char
+            low = self.escape() if char == "\\" else char
             if self.peek() == "-" and self.peek(1) != "]":
                 self.take()
                 high = self.take()
                 if high == "\\":
-                    high = self.escape(in_class=True)
+                    high = self.escape()
                 if low is None or high is None or high in "[]" or ord(high) < ord(low):
                     raise _Unsupported
         self.take("]")
@@ -485,7 +496,7 @@ class _PatternParser:
             while self.peek() not in ("", "|", ")"):
                 char = self.take()
                 if char == "\\":
-                    char = self.escape(in_class=False)
+                    char = self.escape()
                     if char is None:
                         raise _Unsupported
                 elif char in self.METACHARS:

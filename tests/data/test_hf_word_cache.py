@@ -131,6 +131,9 @@ def test_the_atoms_of_known_patterns():
         r"(?i)abc|.",  # a flag for the rest of the pattern
         r"(?i:[a-z]+)|.",  # (?i) around anything but literals
         r"(?i:ß)|.",  # a literal folding to two characters
+        r"(?i:s)+|.",  # (?i) literals repeated, or next to others: one longer string there
+        r"(?:x(?i:s)){2}|.",
+        r"(?i:a)(?i:b)|.",
         r"(?x) a |.",
         r"\x41|.",
         r"\h|.",
