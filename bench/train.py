@@ -34,6 +34,8 @@ def interleaved_phase_throughput(
 
     from megapatch.config import load_config
     from megapatch.distributed import init_distributed
+    from megapatch.training.engine import shape_engine
+    from megapatch.training.run_data import phase_batches
     from megapatch.training.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench-train-")
@@ -50,12 +52,25 @@ def interleaved_phase_throughput(
     )
     trainer = Trainer(cfg, init_distributed(timeout_s=cfg.train.collective_timeout_s))
     patch, token = trainer.plan.phases
-    loaders = {p.name: trainer.open_batches(p) for p in (patch, token)}
+
+    def open_batches(phase):  # both phases' loaders open at once (the trainer keeps one)
+        return phase_batches(
+            cfg,
+            trainer.streams[phase.name],
+            phase,
+            consumed_windows=0,
+            vocab_size=trainer.corpus.vocab_size,
+            dp_rank=trainer.dp_rank,
+            dp_size=trainer.dp_size,
+            device=trainer.env.device,
+        )
+
+    loaders = {p.name: open_batches(p) for p in (patch, token)}
     batches = {name: iter(loader) for name, loader in loaders.items()}
     times: dict[str, list[float]] = {"patch": [], "token": []}
     for i in range(steps + 1):  # the first round warms up allocators and kernels
         for phase in (patch, token) if i % 2 == 0 else (token, patch):
-            trainer.shape_engine(phase)
+            shape_engine(trainer.engine, phase, trainer.dp_size)
             t0 = time.perf_counter()
             trainer.train_step(phase, batches[phase.name])
             if torch.cuda.is_available():
@@ -93,6 +108,7 @@ def interleaved_phase_throughput(
         "device": device,
         "precision": cfg.train.precision,
         "ops_backend": cfg.train.ops_backend,
+        "triton_loss_mode": _triton_loss_mode(),
         "parameters": sum(p.numel() for p in trainer.engine.module.parameters()),
         "phases": rows,
         "profiles": profiles,
@@ -103,8 +119,18 @@ def interleaved_phase_throughput(
     }
 
 
-def _profile_step(trainer, phase, batches, out_dir: Path) -> str:
-    """Profile one optimizer step; write the op table (by self time) and return its path."""
+def _triton_loss_mode() -> str | None:
+    """The Triton loss's mode this process runs (MEGAPATCH_LOSS_BACKWARD or the default)."""
+    try:
+        from megapatch.ops import triton_ops
+    except ImportError:  # no triton here
+        return None
+    return triton_ops.BACKWARD
+
+
+def _profile_step(trainer, phase, batches, out_dir: Path) -> dict:
+    """Profile one optimizer step; write the op table (by self time) and return its path
+    and its top lines (kept in the JSON, so one run's file holds the reading)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -112,7 +138,9 @@ def _profile_step(trainer, phase, batches, out_dir: Path) -> str:
     on_cuda = torch.cuda.is_available()
     if on_cuda:
         activities.append(ProfilerActivity.CUDA)
-    trainer.shape_engine(phase)
+    from megapatch.training.engine import shape_engine
+
+    shape_engine(trainer.engine, phase, trainer.dp_size)
     with profile(activities=activities) as prof:
         trainer.train_step(phase, batches)
         if on_cuda:
@@ -122,9 +150,10 @@ def _profile_step(trainer, phase, batches, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"profile_{phase.name}.txt"
     path.write_text(table + "\n")
+    top = table.splitlines()[:20]
     print(f"\n{phase.name} step, top ops by self {'GPU' if on_cuda else 'CPU'} time:")
-    print("\n".join(table.splitlines()[:20]))
-    return str(path)
+    print("\n".join(top))
+    return {"table": str(path), "sort": sort, "top": top}
 
 
 def full_runs(config: str, data: str, overrides: list[str]) -> dict:

@@ -186,7 +186,8 @@ CUBLAS_CHUNK_BYTES = 256 * 2**20
 CUBLAS_MIN_CHUNKS = 8
 # 16-bit inputs: cuBLAS writes the chunk's logits in fp32 (a separate 16-bit buffer then
 # holds dLoss/dz), more accurate softmax at 3x the chunk's bytes; needs torch's out_dtype.
-LOGITS_FP32 = False
+# MEGAPATCH_LOSS_LOGITS_FP32=1 sets it for a run.
+LOGITS_FP32 = os.environ.get("MEGAPATCH_LOSS_LOGITS_FP32", "0") not in ("", "0")
 
 
 def _mode() -> str:
@@ -240,7 +241,8 @@ def _fp32_out(device: torch.device, op: str) -> bool:
         want = a.float() @ b.float()
         try:
             if op == "mm":
-                got = torch.mm(a, b, out_dtype=torch.float32)
+                got = torch.empty(32, 32, device=device)
+                torch.mm(a, b, out_dtype=torch.float32, out=got)
             else:
                 got = torch.ones(32, 32, device=device)
                 torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
@@ -270,10 +272,15 @@ def _addmm_into(acc, a, b):
     elif _fp32_out(a.device, "addmm"):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        # No out_dtype here: 16-bit products of slices no larger than `a`, summed in fp32.
-        step = max(1, a.numel() // max(1, b.shape[1]))
+        # An older torch: the products of slices (fp32 where mm has out_dtype, else 16-bit),
+        # each temporary at most half the bytes of `a`, summed in fp32.
+        fp32_mm = _fp32_out(a.device, "mm")
+        part_bytes = 4 if fp32_mm else a.element_size()
+        step = max(1, a.numel() * a.element_size() // (2 * max(1, b.shape[1]) * part_bytes))
         for s in range(0, acc.shape[0], step):
-            acc[s : s + step] += torch.mm(a[s : s + step], b)
+            rows = a[s : s + step]
+            part = torch.mm(rows, b, out_dtype=torch.float32) if fp32_mm else torch.mm(rows, b)
+            acc[s : s + step] += part
 
 
 def _rows_blocks(device: torch.device, dtype: torch.dtype) -> dict:
