@@ -17,7 +17,8 @@ ONE_WORKER_GROUPS = {
     "zero3_run": "export-runs",
     "reference_dp2": "reference-dp2",  # tests/hardening: the uninterrupted DP=2 run
     "struck_run": "reference-dp2",
-    "reference_run": "training-reference",  # tests/training/test_train.py
+    "reference_run": "training-reference",  # tests/training/test_train.py, test_pipeline.py
+    "tp2_pp2_run": "training-reference",
     "slurm": "slurm",  # one SLURM test cluster (apt-get, munged, slurmctld, slurmd)
     "kept_gloo_workers": "kept-gloo-workers",  # run_distributed(..., reuse_workers=True)
 }

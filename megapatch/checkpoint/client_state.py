@@ -8,7 +8,8 @@ what a checkpoint needs beyond weights and optimizer state:
     config            the resolved run config, {section: {field: value}}
     identity          what a run must share with the checkpoint to continue it:
                       config_hash, model_config, tokenizer_sha256,
-                      tensor_model_parallel_size, zero_stage, data_parallel_size
+                      tensor_model_parallel_size, zero_stage, data_parallel_size,
+                      pipeline_model_parallel_size (pipeline runs only)
 
 The identity keys sit at the top level of the "megapatch" dict (the layout every release
 has written), so older checkpoints read the same.
@@ -31,6 +32,7 @@ IDENTITY_KEYS = (
     "tensor_model_parallel_size",
     "zero_stage",
     "data_parallel_size",
+    "pipeline_model_parallel_size",  # absent: 1 (written only by pipeline runs)
 )
 # DeepSpeed's names for TP rank r's model states (ZeRO 0-2, ZeRO-3).
 MODEL_STATE_FILES = (
@@ -110,6 +112,10 @@ class ClientState:
         return int(self.identity.get("tensor_model_parallel_size", 1))
 
     @property
+    def pipeline_model_parallel_size(self) -> int:
+        return int(self.identity.get("pipeline_model_parallel_size", 1))
+
+    @property
     def zero_stage(self) -> int:
         return int(self.identity.get("zero_stage", 0))
 
@@ -120,6 +126,25 @@ class ClientState:
     @property
     def model_config(self) -> dict[str, Any]:
         return self.identity["model_config"]
+
+
+def run_identity(cfg, model_config, tokenizer_sha256: str, *, dp_size: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run `cfg` to be resumed by it: the model, the
+    data's tokenizer, the config identity, the parallel layout."""
+    from dataclasses import asdict
+
+    par = cfg.parallel
+    identity = {
+        "config_hash": cfg.config_hash(),
+        "model_config": asdict(model_config),
+        "tokenizer_sha256": tokenizer_sha256,
+        "tensor_model_parallel_size": par.tensor_model_parallel_size,
+        "zero_stage": par.zero_stage,
+        "data_parallel_size": dp_size,
+    }
+    if par.pipeline_model_parallel_size > 1:  # absent at PP=1: earlier checkpoints match
+        identity["pipeline_model_parallel_size"] = par.pipeline_model_parallel_size
+    return identity
 
 
 def model_states_file(step_dir: Path, tp_rank: int = 0) -> Path:
@@ -158,4 +183,5 @@ __all__ = [
     "load_model_states",
     "model_states_file",
     "read_client_state",
+    "run_identity",
 ]

@@ -33,7 +33,7 @@ import torch
 from megapatch.checkpoint.client_state import ClientState, load_model_states
 from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
 from megapatch.checkpoint.reshard import VOCAB_WEIGHTS, is_universal, read_universal_weights
-from megapatch.checkpoint.safe_load import check_files
+from megapatch.checkpoint.safe_load import check_files, safe_load
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
 from megapatch.model import GPT, GPTConfig
@@ -131,6 +131,12 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         state = _as_trained(read_universal_weights(step_dir), client)
     elif client.zero_stage == 3:
         state = _gather_zero3(step_dir, client, model_config)
+    elif client.pipeline_model_parallel_size > 1:  # one file per pipeline layer and TP rank
+        shards = [
+            _pipeline_shard(step_dir, rank, model_config, client.pipeline_model_parallel_size)
+            for rank in range(client.tensor_model_parallel_size)
+        ]
+        state = merge_tensor_parallel_shards(shards, partition_dims(model_config), step_dir)
     else:
         shards = [state0["module"]]
         for rank in range(1, client.tensor_model_parallel_size):
@@ -153,10 +159,11 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         configured = Path(client.config["run"]["dir"])
         run_dir = configured if configured.is_dir() else None
     log.info(
-        "read %s (step %d, TP=%d, ZeRO-%d)",
+        "read %s (step %d, TP=%d, PP=%d, ZeRO-%d)",
         step_dir,
         client.step,
         client.tensor_model_parallel_size,
+        client.pipeline_model_parallel_size,
         client.zero_stage,
     )
     return LoadedCheckpoint(step_dir, client.step, model_config, state, client, run_dir)
@@ -200,6 +207,30 @@ def merge_tensor_parallel_shards(
         parts = [shard[name] for shard in shards]
         merged[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
     return merged
+
+
+def _pipeline_shard(
+    step_dir: Path, tp_rank: int, model_config: GPTConfig, stages: int
+) -> dict[str, torch.Tensor]:
+    """TP rank `tp_rank`'s weights of a pipeline checkpoint, every stage's layers together,
+    under the GPT's names (DeepSpeed writes one file per pipeline layer and TP rank)."""
+    from megapatch.model.pipeline import layer_prefix
+
+    n = model_config.n_layers
+    state: dict[str, torch.Tensor] = {}
+    for layer in range(n + 2):  # embedding, the blocks, the head
+        file = step_dir / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+        if not file.is_file():
+            raise CheckpointError(
+                f"{step_dir}: saved with PP={stages} but {file.name} (pipeline layer {layer}, "
+                f"TP rank {tp_rank}) is missing"
+            )
+        weights = safe_load(file, mmap=True)
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{file}: not a layer state dict")
+        prefix = layer_prefix(layer, n)
+        state.update({prefix + name: w for name, w in weights.items()})
+    return state
 
 
 def _gather_zero3(step_dir: Path, client: ClientState, model_config: GPTConfig):

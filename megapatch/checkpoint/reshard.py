@@ -60,6 +60,7 @@ class Layout:
     tp: int
     dp: int
     zero: int
+    pp: int = 1
 
     @classmethod
     def of(cls, identity: dict[str, Any]) -> Layout:
@@ -67,19 +68,22 @@ class Layout:
             int(identity.get("tensor_model_parallel_size", 1)),
             int(identity.get("data_parallel_size", 1)),
             int(identity.get("zero_stage", 0)),
+            int(identity.get("pipeline_model_parallel_size", 1)),
         )
 
     def __str__(self) -> str:
-        return f"TP={self.tp} x DP={self.dp}, ZeRO-{self.zero}"
+        pp = f" x PP={self.pp}" if self.pp > 1 else ""
+        return f"TP={self.tp}{pp} x DP={self.dp}, ZeRO-{self.zero}"
 
     @property
     def tag(self) -> str:
-        return f"tp{self.tp}-dp{self.dp}-z{self.zero}"
+        pp = f"-pp{self.pp}" if self.pp > 1 else ""
+        return f"tp{self.tp}{pp}-dp{self.dp}-z{self.zero}"
 
 
 def needs_reshard(saved: Layout, target: Layout) -> bool:
     """Whether DeepSpeed's own loader cannot take `saved` into `target`."""
-    if saved.tp != target.tp:
+    if saved.tp != target.tp or saved.pp != target.pp:
         return True
     if saved.zero != target.zero and not {saved.zero, target.zero} <= {1, 2}:
         return True  # ZeRO-1 and 2 share a format; the others do not
@@ -90,10 +94,19 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
     """Refuse, before any work, a reshard that cannot succeed (one line, the way out)."""
     from megapatch.config.validation import model_shape_problems
 
+    pp = f"parallel.pipeline_model_parallel_size={saved.pp}, " if saved.pp > 1 else ""
     keep = (
-        f"resume it as it was written (parallel.tensor_model_parallel_size={saved.tp}, "
-        f"parallel.zero_stage={saved.zero}, {saved.tp * saved.dp} ranks)"
+        f"resume it as it was written (parallel.tensor_model_parallel_size={saved.tp}, {pp}"
+        f"parallel.zero_stage={saved.zero}, {saved.tp * saved.pp * saved.dp} ranks)"
     )
+    if saved.pp > 1 or target.pp > 1:
+        # The pipeline engine names parameters by layer index and keeps its ZeRO-1
+        # partitions per stage; the universal conversion here knows the one-stage layout.
+        raise CheckpointError(
+            f"checkpoint {where} ({saved}) cannot be resharded to {target}: pipeline-parallel "
+            f"layouts do not reshard yet; {keep}, or `megapatch export` it and start a run "
+            "with init.from_hf (weights only)"
+        )
     if 0 in (saved.zero, target.zero):
         raise CheckpointError(
             f"checkpoint {where} ({saved}) cannot be resharded to {target}: ZeRO-0 keeps a plain "

@@ -77,14 +77,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         dp = 1 if args.dp is None else args.dp
         if args.world_size is not None:
-            if args.world_size < 1 or args.world_size % tp:
+            pp = cfg.parallel.pipeline_model_parallel_size
+            if args.world_size < 1 or args.world_size % (tp * pp):
                 raise ConfigError(
                     f"--world-size {args.world_size}: expected a multiple of "
-                    f"parallel.tensor_model_parallel_size={tp}"
+                    f"parallel.tensor_model_parallel_size={tp} x "
+                    f"parallel.pipeline_model_parallel_size={pp} (world size = TP x DP x PP)"
                 )
-            dp = args.world_size // tp
+            dp = args.world_size // (tp * pp)
         if dp < 1:
             raise ConfigError(f"--dp {args.dp}: expected at least 1")
+        if cfg.parallel.pipeline_model_parallel_size > 1 and vocab:
+            from megapatch.config import Checker
+            from megapatch.training.schedule import check_pipeline_split
+
+            check_pipeline_split(cfg, vocab, Checker(cfg.provenance, cfg.source))
         plan = StagePlan.from_config(cfg, dp_size=dp, vocab_size=vocab)
     flops = plan.flops
     memory = _memory(cfg, plan, vocab)

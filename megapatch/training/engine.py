@@ -9,6 +9,7 @@ DeepSpeed gets no scheduler and no curriculum; we set the LR on the optimizer ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -125,6 +126,30 @@ def skips_nonfinite_steps(engine) -> bool:
     return _optimizer_is_wrapped(engine)
 
 
+def build_model(cfg, model_config, device: torch.device, *, dp_size: int) -> torch.nn.Module:
+    """This rank's model: the GPT's TP shard, or with pipeline parallelism its stage of it
+    (a DeepSpeed PipelineModule), initialised from the run's seed or `init.from_hf`."""
+    from megapatch import parallel
+
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        from megapatch.model.pipeline import build_pipeline_model
+
+        topology = parallel.pipeline_topology(cfg.parallel.tensor_model_parallel_size, pp, dp_size)
+        model = build_pipeline_model(model_config, cfg.run.seed, topology, pp)
+    else:
+        from megapatch.model import GPT
+
+        model = GPT(model_config, seed=cfg.run.seed).to(device)
+    if cfg.init.from_hf:
+        from megapatch.checkpoint.hf import load_hf_into_model
+
+        load_hf_into_model(model, cfg.init.from_hf)
+    if cfg.train.compile:
+        model.compile_blocks()
+    return model
+
+
 def build_engine(
     model: torch.nn.Module,
     cfg,
@@ -226,10 +251,28 @@ class PipelineStepGuard:
             if p.grad is not None
         ]
         limit = self.max_norm if self.max_norm > 0 else math.inf
-        self.grad_norm = float(clip_grad_norm_(params, max_norm=limit, mpu=self.engine.mpu))
+        norm = clip_grad_norm_(params, max_norm=limit, mpu=_TensorParallelRankView(self.engine.mpu))
+        self.grad_norm = float(norm)
         if not math.isfinite(self.grad_norm):
             return None  # skipped, as DeepSpeed's wrapping optimizers skip it
         return self._step(*args, **kwargs)
+
+
+class _TensorParallelRankView:
+    """DeepSpeed's pipeline grid as `clip_grad_norm_` should see it: the norm is summed over
+    the whole model-parallel group (every stage and TP rank), but a TP-replicated parameter
+    is counted by TP rank 0 of its own stage. The grid's model-parallel rank is 0 on the
+    first stage only, so clip_grad_norm_ given the grid would drop the later stages' norm
+    gains from the norm."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def get_model_parallel_group(self):
+        return self.grid.get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.grid.get_tensor_model_parallel_rank()
 
 
 def shape_engine(engine, phase, dp_size: int) -> None:
@@ -261,3 +304,36 @@ def grad_norm_before_step(engine) -> float:
     params = [p for p in engine.module.parameters() if p.grad is not None]
     # An infinite max_norm leaves the gradients as they are; only the norm is computed.
     return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=parallel.mpu))
+
+
+def pipeline_train_step(engine, batches, phase, on_batch, poison: bool = False):
+    """One optimizer step of the pipeline engine: `train_batch` runs the phase's
+    micro-batches through the stages (1F1B), reduces the gradients and steps. `batches`
+    yields the windows (None on the middle stages, which read no data); `on_batch` sees
+    each window batch taken. Returns (loss, grad norm before clipping): the loss is the mean
+    over the micro-batches and DP ranks, on every rank. `poison` makes the loss NaN (the
+    fault hook's test of non-finite steps)."""
+    k = phase.patch_size
+
+    def micro_batches():
+        for _ in range(phase.grad_accum):
+            batch = next(batches)
+            on_batch(batch)
+            yield batch[:, :-k], batch[:, k:]
+
+    with _poisoned_loss(engine.module, poison):
+        loss = float(engine.train_batch(micro_batches() if batches is not None else None))
+    guard = getattr(engine, "step_guard", None)
+    grad_norm = guard.grad_norm if guard is not None else engine.get_global_grad_norm()
+    return loss, (float(grad_norm) if grad_norm is not None else None)
+
+
+@contextlib.contextmanager
+def _poisoned_loss(pipe, poison: bool):
+    original = pipe.loss_fn
+    if poison and original is not None:  # the loss is computed on the last stage only
+        pipe.loss_fn = lambda outputs, labels: original(outputs, labels) * float("nan")
+    try:
+        yield
+    finally:
+        pipe.loss_fn = original

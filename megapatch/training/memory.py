@@ -2,8 +2,9 @@
 
 `estimate_memory(dims, layout)` is a function of the model (ModelDims: D, layers, heads,
 KV heads, FFN, padded V) and a `Layout` (TP, PP, DP, ZeRO stage, precision, micro-batch,
-L, K, sequence parallelism, activation checkpointing, ops backend). It returns bytes per
-term for one GPU: the DP rank and pipeline stage that hold the most.
+micro-batches per step, L, K, sequence parallelism, activation checkpointing, ops
+backend). It returns bytes per term for one GPU: the DP rank and pipeline stage that hold
+the most; `estimate_stages` gives every pipeline stage's.
 
 Model state is what DeepSpeed 0.19 allocates with torch's AdamW (engine.py's config),
 counted tensor by tensor (tests/training/test_memory.py checks it to the byte against a
@@ -63,10 +64,34 @@ Transient buffers, not checked to the byte: ZeRO-1/2's reduce bucket during back
 ZeRO-3's gathered parameters (the module computing, whole, and up to the prefetch bucket
 of the next).
 
+Pipeline parallelism (P stages, DeepSpeed's PipelineEngine, 1F1B over m micro-batches per
+step): stage s holds the layers of DeepSpeed's parameter-balanced split of [embedding,
+block 0 .. n-1, head] (`pipeline_stage_bounds`, the same split megapatch.model.pipeline
+makes) and keeps up to min(P - s, m) micro-batches in flight. Its model state differs
+from the flat engine's (checked to the byte on CPU):
+
+    ZeRO-1             no gradient hooks between micro-batches: the stage's gradients
+                       accumulate whole (a*N) over the step, and the partition's (as
+                       above) are what is left at the optimizer step.
+    ZeRO-0 bf16        DeepSpeed's BF16_Optimizer: flat groups padded to 2*DP as in ZeRO-1,
+                       fp32 master and Adam partitioned over DP, a flat gradient
+                       accumulator in the model dtype (a*A) for the whole run, the per-
+                       parameter gradients a*N, and at the step every group's fp32
+                       partition gradient (4*A/DP).
+    ZeRO-0 fp32/fp16   as without a pipeline.
+
+Stage-boundary buffers (`pipeline_buffer_bytes`; E = micro-batch * L * D / t elements
+when t > 1, the 1/TP slice DeepSpeed sends, or the L/TP positions under SP): one receive
+buffer, shared with the gradient receive buffer (a*E); per micro-batch in flight, the
+received input (whole: a*micro-batch*L*D, or a*E under SP) on stages after the first and
+the sent output (a*E) on stages before the last; max(2, in flight) buffers of input ids on
+the first stage and of labels and head outputs on the last, which stay after the step.
+
 The peak is model state and gradients plus the larger of the step's fp32 gradients and
 the backward's working set: reduce buckets, the activations of the micro-batches in
-flight (one without PP; up to P - s on stage s under 1F1B) and the loss. Allocator
-fragmentation and the CUDA context (~0.5-1 GiB) are not included.
+flight (one without PP; up to min(P - s, m) on stage s under 1F1B), the stage-boundary
+buffers and the loss. Allocator fragmentation and the CUDA context (~0.5-1 GiB) are not
+included.
 """
 
 from __future__ import annotations
@@ -83,7 +108,12 @@ __all__ = [
     "ZeroOptions",
     "MemoryEstimate",
     "estimate_memory",
+    "estimate_stages",
     "parameter_groups",
+    "pipeline_layer_parameters",
+    "pipeline_stage_bounds",
+    "pipeline_buffer_bytes",
+    "stage_layers",
     "model_state_bytes",
     "activation_bytes",
     "loss_bytes",
@@ -138,6 +168,10 @@ class Layout:
     activation_checkpointing: bool = False
     backend: str = "triton"  # what "auto" resolves to on CUDA
     zero: ZeroOptions = field(default_factory=ZeroOptions)
+    micro_batches: int = 1  # m: micro-batches per optimizer step (the phase's grad_accum)
+    # The pipeline's layer boundaries [0, b1, ..., n_layers + 2] over [embedding, blocks,
+    # head]; None: pipeline_stage_bounds(dims, pp) (the split of dims' own vocabulary).
+    stage_bounds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.precision not in _DTYPE_BYTES:
@@ -146,9 +180,19 @@ class Layout:
             raise ConfigError(f"ops backend {self.backend!r}: expected one of {BACKENDS}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"ZeRO stage {self.zero_stage}: expected 0, 1, 2 or 3")
-        for name in ("micro_batch", "seq_len", "patch_size", "tp", "pp", "dp"):
+        for name in ("micro_batch", "seq_len", "patch_size", "tp", "pp", "dp", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"ZeRO stage {self.zero_stage} with pipeline size {self.pp}: expected 0 or 1 "
+                "(DeepSpeed's pipeline engine shards no gradients or weights)"
+            )
+        if self.stage_bounds is not None and len(self.stage_bounds) != self.pp + 1:
+            raise ConfigError(
+                f"stage_bounds {self.stage_bounds}: expected {self.pp + 1} boundaries for "
+                f"pipeline size {self.pp}"
+            )
 
     @property
     def dtype_bytes(self) -> int:
@@ -172,6 +216,17 @@ class MemoryEstimate:
     loss_buffers: int  # fp32 gradients of hidden and head, fp32 head copy
     stage: int = 0  # pipeline stage
     dp_rank: int = 0
+    # Pipelines only (0 / equal to `gradients` without one):
+    grad_buffer: int = 0  # a flat gradient accumulator kept all run (BF16_Optimizer's)
+    step_gradients: int | None = None  # held at the optimizer step (default: `gradients`)
+    pipe_buffers: int = 0  # stage-boundary buffers at the 1F1B peak
+    pipe_persistent: int = 0  # the part of pipe_buffers that stays through the step
+    layers: tuple[int, int] = (0, 0)  # the stage's pipeline layers [start, stop)
+    in_flight: int = 1  # micro-batches whose activations the stage holds at once
+
+    def __post_init__(self):
+        if self.step_gradients is None:
+            object.__setattr__(self, "step_gradients", self.gradients)
 
     @property
     def optimizer(self) -> int:
@@ -183,12 +238,21 @@ class MemoryEstimate:
         return self.zero3_bucket + self.comm_buffers + self.loss_buffers
 
     @property
+    def backward(self) -> int:
+        """Held at the backward's peak besides params, optimizer and grad_buffer."""
+        return self.gradients + self.buffers + self.activations + self.logits + self.pipe_buffers
+
+    @property
+    def step(self) -> int:
+        """Held during the optimizer step besides params, optimizer and grad_buffer."""
+        return self.step_gradients + self.zero3_bucket + self.step_buffers + self.pipe_persistent
+
+    @property
     def total(self) -> int:
-        """Peak estimate: model state and gradients, plus the larger of the backward's
-        working set (activations, loss, reduce buckets) and the step's fp32 gradients."""
-        backward = self.buffers + self.activations + self.logits
-        step = self.zero3_bucket + self.step_buffers
-        return self.params + self.optimizer + self.gradients + max(backward, step)
+        """Peak estimate: model state, plus the larger of the backward's working set
+        (gradients, activations, loss, reduce buckets, stage-boundary buffers) and the
+        step's (its gradients and fp32 gradients)."""
+        return self.params + self.optimizer + self.grad_buffer + max(self.backward, self.step)
 
     def as_dict(self) -> dict[str, int]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -196,21 +260,101 @@ class MemoryEstimate:
         return out
 
 
-def parameter_groups(dims: ModelDims, tp: int = 1, pp: int = 1, stage: int = 0):
+def pipeline_layer_parameters(dims: ModelDims, vocab_size: int | None = None) -> list[int]:
+    """Parameters of each pipeline layer [embedding, block 0 .. n-1, head], what the stage
+    split balances (megapatch.model.pipeline.layer_parameter_counts): the vocabulary is
+    padded as for TP=1 there, so pass that one (`vocab_size`; default dims' own)."""
+    D, V = dims.d_model, dims.vocab_size if vocab_size is None else vocab_size
+    block = 2 * D * D + 2 * D * dims.kv_dim + 3 * D * dims.ffn_hidden + 2 * D
+    return [V * D, *[block] * dims.n_layers, V * D + D]
+
+
+def pipeline_stage_bounds(layer_parameters: list[int], stages: int) -> list[int]:
+    """Stage boundaries [0, b1, ..., len(layers)] exactly as DeepSpeed's
+    `partition_balanced` draws them (the split megapatch.parallel.partition_layers asks
+    it for), in pure Python so that the plan needs no torch: the linear-partition dynamic
+    programme over contiguous parts that keeps, for the first i layers in j parts, the
+    split with the smallest (largest part - smallest part), the last such split point
+    winning a tie."""
+    n = len(layer_parameters)
+    if n <= stages:
+        return [min(p, n) for p in range(stages + 1)]
+    prefix = [0]
+    for w in layer_parameters:
+        prefix.append(prefix[-1] + w)
+    inf = math.inf
+    # state[j][i] = (cost, largest part, smallest part, split point) of i layers in j parts
+    state = [[(inf, inf, inf, 0)] * (n + 1) for _ in range(stages + 1)]
+    state[0][0] = (0, 0, inf, 0)
+    for i in range(1, n + 1):
+        for j in range(1, min(i, stages) + 1):
+            best = state[j][i]
+            for k in range(i):
+                _, hi, lo, _ = state[j - 1][k]
+                part = prefix[i] - prefix[k]
+                hi, lo = max(hi, part), min(lo, part)
+                if hi - lo <= best[0]:
+                    best = (hi - lo, hi, lo, k)
+            state[j][i] = best
+    bounds = [n]
+    for j in range(stages, 0, -1):
+        bounds.append(state[j][bounds[-1]][3])
+    return bounds[::-1]
+
+
+def _stage_bounds(dims: ModelDims, layout: Layout) -> tuple[int, ...]:
+    if layout.stage_bounds is not None:
+        bounds = tuple(layout.stage_bounds)
+    else:
+        bounds = tuple(pipeline_stage_bounds(pipeline_layer_parameters(dims), layout.pp))
+    if bounds[0] != 0 or bounds[-1] != dims.n_layers + 2 or list(bounds) != sorted(bounds):
+        raise ConfigError(
+            f"stage_bounds {bounds}: expected 0 ... {dims.n_layers + 2} in order "
+            "(embedding, blocks, head)"
+        )
+    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        if max(start, 1) >= min(stop, dims.n_layers + 1):
+            raise ConfigError(
+                f"pipeline size {layout.pp}: split by parameters, stage {stage} of the "
+                f"{dims.n_layers} blocks and the embedding and output layers holds no block "
+                "(use fewer stages)"
+            )
+    return bounds
+
+
+def stage_layers(start: int, stop: int, n_layers: int) -> str:
+    """Pipeline layers [start, stop) in words: 'embed + blocks 0-11', 'blocks 12-23 + head'."""
+    words = ["embed"] if start == 0 else []
+    first, last = max(start, 1) - 1, min(stop, n_layers + 1) - 2
+    if first <= last:
+        words.append(f"block {first}" if first == last else f"blocks {first}-{last}")
+    if stop == n_layers + 2:
+        words.append("head")
+    return " + ".join(words)
+
+
+def parameter_groups(
+    dims: ModelDims, tp: int = 1, pp: int = 1, stage: int = 0, bounds=None
+) -> tuple[list[int], list[int]]:
     """This TP rank's parameter sizes on pipeline `stage`, in the module's order, split into
-    the optimizer's two groups (engine.param_groups): ([matrix numels], [vector numels])."""
+    the optimizer's two groups (engine.param_groups): ([matrix numels], [vector numels]).
+    `bounds`: the pipeline's layer boundaries (default: pipeline_stage_bounds of dims)."""
     D, F, V = dims.d_model, dims.ffn_hidden, dims.vocab_size
     q, kv = D, dims.kv_dim
-    per_stage = dims.n_layers // pp
+    if pp == 1:
+        bounds = (0, dims.n_layers + 2)
+    elif bounds is None:
+        bounds = pipeline_stage_bounds(pipeline_layer_parameters(dims), pp)
+    start, stop = bounds[stage], bounds[stage + 1]
     matrices, vectors = [], []
-    if stage == 0:
+    if start == 0:
         matrices.append(V // tp * D)  # embed_tokens
-    for _ in range(per_stage):
+    for _ in range(max(start, 1), min(stop, dims.n_layers + 1)):
         vectors.append(D)  # input_layernorm
         matrices += [q // tp * D, kv // tp * D, kv // tp * D, D * q // tp]  # q, k, v, o
         vectors.append(D)  # post_attention_layernorm
         matrices += [F // tp * D, F // tp * D, D * F // tp]  # gate, up, down
-    if stage == pp - 1:
+    if stop == dims.n_layers + 2:
         vectors.append(D)  # final norm
         if not dims.tie_embeddings:
             matrices.append(V // tp * D)  # lm_head

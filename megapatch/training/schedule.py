@@ -597,22 +597,19 @@ class StagePlan:
             )
         ]
         for ph in self.phases[:-1]:
-            if self.batching != "tokens" or ph.micro_batch_size == token.micro_batch_size:
-                continue
-            if ph.grad_accum >= token.grad_accum:
-                why = (
-                    f"the largest that keeps at least the token phase's {token.grad_accum} "
-                    "micro-batches per step, so its bubble is no larger"
+            if ph.grad_accum < token.grad_accum:
+                lines.append(
+                    f"pipeline: {ph.name} micro-batch {ph.micro_batch_size}: the budget's "
+                    f"{ph.sequences_per_step} sequences per step allow no more than "
+                    f"{ph.grad_accum} micro-batches, so its bubble is larger than the token "
+                    "phase's (raise train.tokens_per_step, or use fewer stages)"
                 )
-            else:
-                why = (
-                    f"the budget's {ph.sequences_per_step} sequences per step allow no more than "
-                    f"{ph.grad_accum} micro-batches, so its bubble is larger than the token phase's"
+            elif ph.micro_batch_size != token.micro_batch_size:
+                lines.append(
+                    f"pipeline: {ph.name} micro-batch {ph.micro_batch_size} (token phase "
+                    f"{token.micro_batch_size}): the largest that keeps at least the token "
+                    f"phase's {token.grad_accum} micro-batches per step, so its bubble is no larger"
                 )
-            lines.append(
-                f"pipeline: {ph.name} micro-batch {ph.micro_batch_size} (token phase "
-                f"{token.micro_batch_size}): {why}"
-            )
         return lines
 
 

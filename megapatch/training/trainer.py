@@ -11,10 +11,9 @@ and window, the optimizer reset the plan asks for, K and the target weights).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from megapatch import faults, parallel
 from megapatch.checkpoint import CheckpointManager, CheckpointWriteError
-from megapatch.checkpoint.client_state import ClientState, Progress
+from megapatch.checkpoint.client_state import ClientState, Progress, run_identity
 from megapatch.checkpoint.policy import SavePolicy
 from megapatch.checkpoint.resume import resume_point
 from megapatch.config import RunConfig, resolve_vocab_size
@@ -70,7 +69,7 @@ class NonFiniteLossError(MegapatchError):
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, data: tuple | None = None):
         """`data`: the (train, valid) corpora if already opened (see `open_run_data`)."""
-        from megapatch.model import GPT, GPTConfig
+        from megapatch.model import GPTConfig
 
         self.cfg, self.env = cfg, env
         # Data first: the vocabulary ("auto") comes from the manifest and the plan counts FLOPs with it.
@@ -89,8 +88,7 @@ class Trainer:
         self.dp_rank = parallel.get_data_parallel_rank()
         self.dp_size = parallel.get_data_parallel_world_size()
         self.is_rank0 = env.rank == 0
-        self.pipelined = pp > 1
-        # A pipeline's middle stages take activations, not data.
+        self.pipelined = pp > 1  # a pipeline's middle stages take activations, not data:
         self.reads_data = parallel.is_pipeline_first_stage() or parallel.is_pipeline_last_stage()
 
         self.run_dir = Path(cfg.run.dir)
@@ -112,33 +110,11 @@ class Trainer:
         self.model_config = GPTConfig.from_run_config(cfg, self.vocab_size)
         # Which checkpoint to continue from, and whether this run can: known before the
         # (possibly long) model build, so a mismatch fails at once.
-        # What a checkpoint must share with this run to be resumed by it (the model, the
-        # data's tokenizer, the config identity, the parallel layout).
-        self.identity = {
-            "config_hash": cfg.config_hash(),
-            "model_config": asdict(self.model_config),
-            "tokenizer_sha256": self.corpus.tokenizer_sha256,
-            "tensor_model_parallel_size": tp,
-            "zero_stage": cfg.parallel.zero_stage,
-            "data_parallel_size": self.dp_size,
-        }
-        if self.pipelined:  # absent at PP=1: earlier checkpoints keep their identity
-            self.identity["pipeline_model_parallel_size"] = pp
+        self.identity = run_identity(
+            cfg, self.model_config, self.corpus.tokenizer_sha256, dp_size=self.dp_size
+        )
         self.resume_from = resume_point(cfg, self.ckpt, self.identity)
-
-        if self.pipelined:
-            from megapatch.model.pipeline import build_pipeline_model
-
-            topology = parallel.pipeline_topology(tp, pp, self.dp_size)
-            model = build_pipeline_model(self.model_config, cfg.run.seed, topology, pp)
-        else:
-            model = GPT(self.model_config, seed=cfg.run.seed).to(env.device)
-        if cfg.init.from_hf:
-            from megapatch.checkpoint.hf import load_hf_into_model
-
-            load_hf_into_model(model, cfg.init.from_hf)
-        if cfg.train.compile:
-            model.compile_blocks()
+        model = engine_ops.build_model(cfg, self.model_config, env.device, dp_size=self.dp_size)
         self.engine = engine_ops.build_engine(
             model,
             cfg,
@@ -149,7 +125,6 @@ class Trainer:
         )
         self.native_skip = engine_ops.skips_nonfinite_steps(self.engine)
         self.native_grad_norm = engine_ops.keeps_grad_norm(self.engine)
-        self.step_guard = getattr(self.engine, "step_guard", None)
         self.progress = Progress.start([p.name for p in self.plan.phases])
         self.preemption = PreemptionHandler()
         self.peak = (
@@ -224,19 +199,21 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, phase, batches) -> tuple[float, bool, float | None]:
-        if self.pipelined:
-            return self.pipeline_step(phase, batches)
         engine, k, weights = self.engine, phase.patch_size, phase.position_weights
         engine_ops.set_lr(engine, self.plan.lr(self.progress.global_step))
-        losses = []
         self.step_crc = 0 if faults.record_data_crc() else None
+        poison = faults.nan_at(self.progress.global_step)
+        if self.pipelined:  # the pipeline engine runs the whole step (engine.py)
+            loss, grad_norm = engine_ops.pipeline_train_step(
+                engine, batches if self.reads_data else None, phase, self._count, poison
+            )
+            return loss, not math.isfinite(loss), grad_norm  # the same loss on every rank
+        losses = []
         for micro in range(phase.grad_accum):
-            batch = next(batches)
-            if self.step_crc is not None:
-                self.step_crc += data_crc(batch)
+            batch = self._count(next(batches))
             engine.set_gradient_accumulation_boundary(micro == phase.grad_accum - 1)
             loss = engine(batch[:, :-k], batch[:, k:], patch_size=k, position_weights=weights)
-            if faults.nan_at(self.progress.global_step):
+            if poison:
                 loss = loss * float("nan")
             losses.append(loss.detach().float())
             engine.backward(loss)
@@ -256,29 +233,10 @@ class Trainer:
             mean_loss /= self.dp_size
         return float(mean_loss), bad, (float(grad_norm) if grad_norm is not None else None)
 
-    def pipeline_step(self, phase, batches) -> tuple[float, bool, float | None]:
-        """One step on the pipeline engine: `train_batch` runs the step's micro-batches
-        through the stages (1F1B), reduces the gradients and steps; its loss is the mean
-        over the micro-batches and DP ranks, on every rank."""
-        engine, k = self.engine, phase.patch_size
-        engine_ops.set_lr(engine, self.plan.lr(self.progress.global_step))
-        self.step_crc = 0 if faults.record_data_crc() else None
-
-        def micro_batches():
-            for _ in range(phase.grad_accum):
-                batch = next(batches)
-                if self.step_crc is not None:
-                    self.step_crc += data_crc(batch)
-                yield batch[:, :-k], batch[:, k:]
-
-        with _poisoned_loss(engine.module, faults.nan_at(self.progress.global_step)):
-            loss = float(engine.train_batch(micro_batches() if self.reads_data else None))
-        bad = not math.isfinite(loss)  # broadcast from the last stage: the same on every rank
-        if self.step_guard is not None:
-            grad_norm = self.step_guard.grad_norm
-        else:
-            grad_norm = engine.get_global_grad_norm()
-        return loss, bad, (float(grad_norm) if grad_norm is not None else None)
+    def _count(self, batch):
+        if self.step_crc is not None:
+            self.step_crc += data_crc(batch)
+        return batch
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -419,19 +377,6 @@ class Trainer:
             f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); the last good checkpoint "
             f"is {latest.path if latest else 'none'}: lower train.lr or check the data, then resume"
         )
-
-
-@contextlib.contextmanager
-def _poisoned_loss(pipe, poison: bool):
-    """The fault hook's NaN loss (faults.nan_at) on a pipeline, whose loss is computed on the
-    last stage inside `train_batch`."""
-    original = pipe.loss_fn
-    if poison and original is not None:
-        pipe.loss_fn = lambda outputs, labels: original(outputs, labels) * float("nan")
-    try:
-        yield
-    finally:
-        pipe.loss_fn = original
 
 
 def train(cfg: RunConfig) -> RunResult:

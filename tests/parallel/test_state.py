@@ -125,5 +125,51 @@ def test_tp_ranks_are_adjacent_and_dp_groups_stride_by_tp():
         assert r["double_init"] == "refused"
         assert r["after_destroy"] == (False, 1)
         assert r["tp3_error"] == (
-            "tensor_model_parallel_size=3 must be a positive integer dividing the world size 4"
+            "tensor_model_parallel_size=3 x pipeline_model_parallel_size=1 must divide the "
+            "world size 4"
         )
+
+
+def _pipeline_layout(rank, world_size, tp, pp):
+    from megapatch import parallel
+
+    parallel.initialize_model_parallel(tp, pp)
+    try:
+        topology = parallel.pipeline_topology(tp, pp, world_size // (tp * pp))
+        coord = topology.get_coord(rank)
+
+        def group_of(axis):
+            return next(g for g in topology.get_axis_comm_lists(axis) if rank in g)
+
+        return {
+            "ours": (
+                parallel.get_tensor_model_parallel_ranks(),
+                parallel.get_data_parallel_group_ranks(),
+                parallel.get_pipeline_model_parallel_ranks(),
+                (
+                    parallel.get_tensor_model_parallel_rank(),
+                    parallel.get_data_parallel_rank(),
+                    parallel.get_pipeline_model_parallel_rank(),
+                ),
+                (parallel.is_pipeline_first_stage(), parallel.is_pipeline_last_stage()),
+            ),
+            "deepspeed": (
+                group_of("model") if tp > 1 else [rank],
+                group_of("data"),
+                group_of("pipe"),
+                (coord.model, coord.data, coord.pipe),
+                (coord.pipe == 0, coord.pipe == pp - 1),
+            ),
+        }
+    finally:
+        parallel.destroy_model_parallel()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, pp", [(2, 2), (1, 2)])
+def test_pipeline_groups_are_deepspeeds_topology_tp_innermost_then_dp_then_pp(tp, pp):
+    results = run_distributed(_pipeline_layout, 4, tp, pp, reuse_workers=True)
+    for rank, r in enumerate(results):
+        assert r["ours"] == r["deepspeed"], rank
+        dp = 4 // (tp * pp)
+        assert r["ours"][3] == (rank % tp, rank // tp % dp, rank // (tp * dp))

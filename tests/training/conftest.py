@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures import REPO, metrics, spawned_training_env, train_records
 
 __all__ = [
@@ -97,3 +99,12 @@ def run_train(
             f"train exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_corpus, tmp_path_factory):
+    """One uninterrupted single-process run that other tests compare against (one xdist
+    worker runs every test that asks for it: tests/conftest.py ONE_WORKER_GROUPS)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_train(tiny_corpus, run_dir)
+    return run_dir

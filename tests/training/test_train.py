@@ -16,14 +16,6 @@ pytestmark = pytest.mark.slow
 PATCH_STEPS, TOKEN_STEPS = 8, 4
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_corpus, tmp_path_factory):
-    """One uninterrupted single-process run that other tests compare against."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_train(tiny_corpus, run_dir)
-    return run_dir
-
-
 def _losses(run_dir):
     return np.array([r["loss"] for r in train_records(run_dir)])
 
