@@ -20,8 +20,10 @@
 # JSON lands in $OUT if it is set, else bench/results/: gpu_ops.json, gpu_train_*.json,
 # profile_*.txt and gpu_check.json (each part's exit status and seconds). The whole run is
 # bounded by GPU_CHECK_BUDGET_S (default 470 s): a part gets what is left of it, an optional
-# part is skipped when too little is. Exit status: 0 every part passed, 1 a part failed (the
-# others still run), 2 no usable GPU.
+# part is skipped when too little is. GPU_CHECK_PARTS="ops train" (default) picks parts (a
+# rerun of the training alone: GPU_CHECK_PARTS=train, with GPU_CHECK_MODE=MODE or the mode
+# an earlier ops part wrote). Exit status: 0 every part passed, 1 a part failed (the others
+# still run), 2 no usable GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,12 @@ PYTHON=${PYTHON:-python}
 DATA=${1:-data/shakespeare}
 RESULTS=${OUT:-bench/results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
+OPS_LIMIT=240
+if ((DRY_RUN)); then # the interpreter is slow, and a CPU shared with other jobs slower
+    BUDGET=${GPU_CHECK_BUDGET_S:-900}
+    OPS_LIMIT=600
+fi
+PARTS=" ${GPU_CHECK_PARTS:-ops train} "
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
@@ -85,9 +93,9 @@ EOF
 
 ops_args=(--out "$RESULTS/gpu_ops.json")
 ((DRY_RUN)) && ops_args+=(--dry-run)
-part ops 240 "$PYTHON" bench/gpu_ops.py "${ops_args[@]}"
+[[ $PARTS == *" ops "* ]] && part ops $OPS_LIMIT "$PYTHON" bench/gpu_ops.py "${ops_args[@]}"
 
-FASTEST=$(json_get "$RESULTS/gpu_ops.json" 'j["verdict"]["fastest_mode"]')
+FASTEST=${GPU_CHECK_MODE:-$(json_get "$RESULTS/gpu_ops.json" 'j["verdict"]["fastest_mode"]')}
 DEFAULT=$(json_get "$RESULTS/gpu_ops.json" 'j["verdict"]["default_mode"]')
 FASTEST_FP32=$(json_get "$RESULTS/gpu_ops.json" 'j["verdict"]["fastest_logits_fp32"]')
 DEFAULT=${DEFAULT:-atomic}
@@ -99,7 +107,9 @@ LOGITS_FP32=0
 [[ $FASTEST_FP32 == True ]] && LOGITS_FP32=1
 echo "gpu_check: fastest Triton loss mode $FASTEST (fp32 logits: $LOGITS_FP32), default $DEFAULT"
 
-if [[ -f "$DATA/manifest.json" ]]; then
+if [[ $PARTS != *" train "* ]]; then
+    echo "gpu_check: training not asked for (GPU_CHECK_PARTS=$PARTS)"
+elif [[ -f "$DATA/manifest.json" ]]; then
     if ((DRY_RUN)); then
         train_args=(--config configs/tiny.yaml --data "$DATA" --steps 1 train.ops_backend=torch)
         fastest_limit=240
@@ -110,7 +120,7 @@ if [[ -f "$DATA/manifest.json" ]]; then
             train.tokens_per_step=262144 train.total_tokens=7864320 train.micro_batch_size=16
             train.warmup_steps=2 parallel.gpus_per_node=null train.ops_backend=triton
             train.compile=true)
-        fastest_limit=200
+        fastest_limit=240
     fi
     MEGAPATCH_LOSS_BACKWARD=$FASTEST MEGAPATCH_LOSS_LOGITS_FP32=$LOGITS_FP32 part train-fastest $fastest_limit "$PYTHON" bench/train.py \
         "${train_args[@]}" --out "$RESULTS/gpu_train_$FASTEST.json" --profile "$RESULTS"
