@@ -125,6 +125,8 @@ BACKENDS = ("reference", "torch", "triton")
 # megapatch.ops.chunked.LOGITS_PER_CHUNK: fp32 logits alive per chunk (not imported: torch).
 LOGITS_PER_CHUNK = 1 << 23
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE: elements per flattened all-reduce.
+_ALLREDUCE_CHUNK = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -381,8 +383,9 @@ def model_state_bytes(
     groups, layout: Layout, dp_rank: int = 0, largest_module: int = 0
 ) -> dict[str, int]:
     """params, master, adam, gradients, zero3_bucket, step_buffers and comm_buffers of one
-    rank holding the parameter `groups` (lists of numels), per the table in the module doc;
-    `largest_module`: the elements ZeRO-3 gathers at once (a block's matrices)."""
+    rank holding the parameter `groups` (lists of numels), per the table in the module doc,
+    and under a pipeline grad_buffer or step_gradients where they differ from 0 and
+    gradients; `largest_module`: the elements ZeRO-3 gathers at once (a block's matrices)."""
     a, dp, opts = layout.dtype_bytes, layout.dp, layout.zero
     groups = [g for g in groups if g]
     n = sum(sum(g) for g in groups)
@@ -390,6 +393,26 @@ def model_state_bytes(
     out = dict(
         params=0, master=0, adam=0, gradients=0, zero3_bucket=0, step_buffers=0, comm_buffers=0
     )
+    if layout.pp > 1 and layout.zero_stage == 0 and layout.precision == "bf16":
+        # DeepSpeed picks its BF16_Optimizer for pipelines: ZeRO-1's flat groups and
+        # partitions, plus a flat gradient accumulator in the model dtype.
+        aligned = [_ceil_to(sum(g), 2 * dp) for g in groups]
+        parts = [x // dp for x in aligned]
+        chunks, chunk = [], 0  # its DP all-reduce flattens groups up to 5e8 elements at once
+        for x in aligned:
+            chunk += x
+            if chunk > _ALLREDUCE_CHUNK:
+                chunks, chunk = [*chunks, chunk], 0
+        out.update(
+            params=a * sum(aligned),
+            master=4 * sum(parts),
+            adam=8 * sum(parts) + 4 * len(groups) + 4,  # + the fp32 global grad norm
+            gradients=a * n,  # the parameters' own, cleared after each micro-batch
+            grad_buffer=a * sum(aligned),
+            step_buffers=4 * sum(parts),  # every group's fp32 partition gradient at once
+            comm_buffers=a * max([*chunks, chunk]),
+        )
+        return out
     if layout.zero_stage == 0:
         out.update(params=a * n, gradients=a * n, adam=8 * n + 4 * tensors)
         if a != 4:
@@ -408,6 +431,10 @@ def model_state_bytes(
             step_buffers=4 * max(parts),
             comm_buffers=a * opts.reduce_bucket_size * (2 if opts.overlap_comm else 1),
         )
+        if layout.pp > 1:
+            # The pipeline engine reduces only at the step's end: every micro-batch's
+            # gradients accumulate whole until then; the partition's are left at the step.
+            out.update(gradients=a * n, step_gradients=out["gradients"])
         return out
     parts = [sum(-(-x // dp) for x in g) for g in groups]
     persistent = sum(x for g in groups for x in g if x <= opts.param_persistence_threshold)
@@ -470,38 +497,110 @@ def loss_bytes(dims: ModelDims, layout: Layout) -> dict[str, int]:
     return {"logits": logits, "loss_buffers": grads + head_copy}
 
 
-def estimate_memory(dims: ModelDims, layout: Layout) -> MemoryEstimate:
-    """The per-GPU estimate of the stage and DP rank with the largest total."""
-    if dims.n_layers % layout.pp:
-        raise ConfigError(
-            f"pipeline size {layout.pp} does not divide model.n_layers={dims.n_layers}"
-        )
-    best = None
+def pipeline_buffer_bytes(dims: ModelDims, layout: Layout, stage: int) -> dict[str, int]:
+    """Stage `stage`'s buffers at the pipeline's boundaries (module docstring), bytes:
+    {"peak": held at the 1F1B peak beyond the activations, "persistent": kept through the
+    optimizer step (DeepSpeed's receive buffer, the first stage's ids, the last stage's
+    labels and outputs)}. Zero without a pipeline."""
+    p, s = layout.pp, stage
+    if p == 1:
+        return {"peak": 0, "persistent": 0}
+    a, t, b, L, K = (
+        layout.dtype_bytes,
+        layout.tp,
+        layout.micro_batch,
+        layout.seq_len,
+        layout.patch_size,
+    )
+    whole = b * L * dims.d_model
+    # What crosses a boundary: 1/TP slices (DeepSpeed's pipe partitioning) or, under SP,
+    # each rank's L/TP positions; the receiver rebuilds the whole tensor unless SP.
+    sent = whole // t
+    received = sent if layout.sequence_parallel else whole
+    in_flight = min(p - s, layout.micro_batches)
+    slots = max(2, in_flight)  # DeepSpeed's TrainSchedule.num_pipe_buffers
+    persistent = a * sent  # one receive buffer, shared with the gradient receive buffer
+    peak = persistent
+    if s > 0:
+        peak += in_flight * a * received  # held until its gradient is sent back
+    if s < p - 1:
+        peak += in_flight * a * sent  # the output, held for the backward
+    if s == 0:
+        ids = slots * 8 * b * K * L  # the loaded input ids (the embedding saves a copy)
+        persistent += ids
+        peak += ids
+    if s == p - 1:
+        # labels (views of the [b, K*L + K] window) and the head's [b, L, D] outputs; the
+        # current micro-batch's are counted as the loss's inputs in the activations
+        kept = 8 * b * K * (L + 1) + a * whole
+        persistent += slots * kept
+        peak += (slots - 1) * kept
+    return {"peak": peak, "persistent": persistent}
+
+
+def _stage_activations(dims: ModelDims, layout: Layout, stage: int, bounds) -> tuple[int, int]:
+    """(activations, in-flight micro-batches) of pipeline `stage` at its 1F1B peak."""
+    p, n = layout.pp, dims.n_layers
+    start, stop = bounds[stage], bounds[stage + 1]
+    blocks = max(0, min(stop, n + 1) - max(start, 1))
+    acts = activation_bytes(dims, layout, layers=blocks)
+    in_flight = 1 if p == 1 else min(p - stage, layout.micro_batches)
+    if layout.activation_checkpointing and blocks:
+        # block inputs for every micro-batch in flight, one block recomputed at a time
+        recompute = acts["per_layer"]
+        activations = in_flight * (acts["blocks"] - recompute) + recompute
+    else:
+        activations = in_flight * acts["blocks"]
+    # RoPE tables: one set without a pipeline, each pipeline block makes its own
+    rope = acts["rope"] if p == 1 else blocks * activation_bytes(dims, layout, layers=1)["rope"]
+    activations += in_flight * rope
+    if start == 0:
+        activations += in_flight * acts["ids"] // 2  # the input ids, saved by the embedding
+    if stop == n + 2:
+        activations += acts["final_norm"] + acts["ids"] // 2  # targets, saved by the loss
+    return activations, in_flight
+
+
+def estimate_stages(dims: ModelDims, layout: Layout) -> list[MemoryEstimate]:
+    """The per-GPU estimate of each pipeline stage (one without a pipeline), each for the
+    DP rank of that stage with the largest total."""
+    bounds = _stage_bounds(dims, layout) if layout.pp > 1 else (0, dims.n_layers + 2)
+    t, D = layout.tp, dims.d_model
+    block = 2 * (D // t * D) + 2 * (dims.kv_dim // t * D) + 3 * (dims.ffn_hidden // t * D)
+    largest = max(block, dims.vocab_size // t * D)  # a block's matrices, or a vocab matrix
+    stages = []
     for stage in range(layout.pp):
-        acts = activation_bytes(dims, layout, layers=dims.n_layers // layout.pp)
-        # 1F1B: stage s has up to P - s micro-batches' activations in flight.
-        in_flight = layout.pp - stage
-        activations = in_flight * (acts["blocks"] + acts["rope"])
-        if stage == 0:
-            activations += in_flight * acts["ids"] // 2  # the input ids
+        activations, in_flight = _stage_activations(dims, layout, stage, bounds)
         loss = {"logits": 0, "loss_buffers": 0}
         if stage == layout.pp - 1:
-            activations += acts["final_norm"] + acts["ids"] // 2  # targets
             loss = loss_bytes(dims, layout)
-        groups = parameter_groups(dims, layout.tp, layout.pp, stage)
-        t, D = layout.tp, dims.d_model
-        block = 2 * (D // t * D) + 2 * (dims.kv_dim // t * D) + 3 * (dims.ffn_hidden // t * D)
-        largest = max(block, dims.vocab_size // t * D)  # a block's matrices, or a vocab matrix
+        pipe = pipeline_buffer_bytes(dims, layout, stage)
+        groups = parameter_groups(dims, layout.tp, layout.pp, stage, bounds)
         # Ranks differ only by where ZeRO-1/2 partition boundaries cut parameters.
         ranks = range(layout.dp) if layout.zero_stage in (1, 2) else (0,)
+        best = None
         for rank in ranks:
             state = model_state_bytes(groups, layout, rank, largest)
             est = MemoryEstimate(
-                **state, activations=activations, **loss, stage=stage, dp_rank=rank
+                **state,
+                activations=activations,
+                **loss,
+                stage=stage,
+                dp_rank=rank,
+                pipe_buffers=pipe["peak"],
+                pipe_persistent=pipe["persistent"],
+                layers=(bounds[stage], bounds[stage + 1]),
+                in_flight=in_flight,
             )
             if best is None or est.total > best.total:
                 best = est
-    return best
+        stages.append(best)
+    return stages
+
+
+def estimate_memory(dims: ModelDims, layout: Layout) -> MemoryEstimate:
+    """The per-GPU estimate of the stage and DP rank with the largest total."""
+    return max(estimate_stages(dims, layout), key=lambda est: est.total)
 
 
 _UNITS = {

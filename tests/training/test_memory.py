@@ -14,6 +14,7 @@ from megapatch.training.memory import (
     ZeroOptions,
     activation_bytes,
     estimate_memory,
+    estimate_stages,
     loss_bytes,
     model_state_bytes,
     parameter_groups,
@@ -283,12 +284,14 @@ def test_loss_logits_depend_on_the_backend():
 
 def test_pipeline_first_stage_holds_p_micro_batches():
     dims = ModelDims(**{**DIMS_370M.__dict__, "n_layers": 8})
-    base = dict(micro_batch=1, seq_len=2048)
-    flat = activation_bytes(dims, Layout(**base), layers=2)["blocks"]
-    first = estimate_memory(dims, Layout(pp=4, **base))
-    assert first.stage == 0 and first.activations >= 4 * flat
-    with pytest.raises(ConfigError, match="pipeline size 3 does not divide"):
-        estimate_memory(dims, Layout(pp=3, **base))
+    base = dict(micro_batch=1, seq_len=2048, micro_batches=8)
+    first = estimate_stages(dims, Layout(pp=4, **base))[0]
+    blocks = first.layers[1] - 1  # after the embedding
+    flat = activation_bytes(dims, Layout(**base), layers=blocks)["blocks"]
+    assert first.in_flight == 4 and first.activations >= 4 * flat
+    # A split by parameters that leaves a stage without a block is refused.
+    with pytest.raises(ConfigError, match="stage 0 of the 8 blocks .* holds no block"):
+        estimate_memory(dims, Layout(pp=4, stage_bounds=(0, 1, 4, 7, 10), **base))
 
 
 def test_the_370m_estimate_is_sensible():
