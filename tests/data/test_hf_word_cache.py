@@ -217,3 +217,17 @@ def test_the_check_is_built_once_per_pattern(bpe):
     again = HFTokenizer(bpe.files())
     assert again._splitter._safe is bpe._splitter._safe
     assert WordSplitter.of(again.backend, again._spec)._safe is bpe._splitter._safe
+
+
+def test_a_full_word_cache_starts_again_and_stays_exact(monkeypatch, bpe):
+    import megapatch.data.tokenizer as base
+
+    monkeypatch.setattr(base, "_CACHE_WORDS", 64)
+    tok = HFTokenizer(bpe.files())  # a cache of its own
+    texts = [synthetic_text(900 + seed, 300) for seed in range(6)]
+    seen = set()
+    for text in texts:
+        assert _same_ids(tok, text)
+        seen.update(tok._splitter.words(text))
+        assert len(tok._cache) <= max(64, len(set(tok._splitter.words(text))))
+    assert len(tok._cache) < len(seen)  # it was cleared on the way
