@@ -152,7 +152,9 @@ EOF
 }
 
 echo
-for mode in "$FASTEST" "$DEFAULT"; do
+modes=("$FASTEST")
+[[ $DEFAULT != "$FASTEST" ]] && modes+=("$DEFAULT")
+for mode in "${modes[@]}"; do
     f="$RESULTS/gpu_train_$mode.json"
     [[ -f $f ]] && echo "train: $(train_summary "$f")"
 done
