@@ -22,9 +22,12 @@ from megapatch.training.memory import (
     Layout,
     MemoryEstimate,
     ZeroOptions,
-    estimate_memory,
+    estimate_stages,
     format_gib,
     parse_size,
+    pipeline_layer_parameters,
+    pipeline_stage_bounds,
+    stage_layers,
 )
 from megapatch.training.schedule import StagePlan, plan_for_world
 
@@ -43,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data-parallel ranks (default: from parallel.nodes x gpus_per_node, else 1)",
     )
     shape.add_argument(
-        "--world-size", type=int, help="total ranks; DP = world size / tensor-parallel size"
+        "--world-size",
+        type=int,
+        help="total ranks; DP = world size / (tensor-parallel size x pipeline stages)",
     )
     parser.add_argument(
         "--vocab-size",
@@ -168,8 +173,10 @@ def _report(cfg: RunConfig, plan: StagePlan, tp: int, vocab, vocab_note: str, fl
         )
     else:
         lines.append(f"model   {shape}, V {vocab_note}")
+    pp = cfg.parallel.pipeline_model_parallel_size
+    ranks = f"TP {tp} x DP {plan.dp_size}" if pp == 1 else f"TP {tp} x PP {pp} x DP {plan.dp_size}"
     lines.append(
-        f"cluster TP {tp} x DP {plan.dp_size} = {tp * plan.dp_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, "
+        f"cluster {ranks} = {tp * pp * plan.dp_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, "
         f"{cfg.train.precision}"
     )
     lines.append(_budget(plan, p))
@@ -237,34 +244,46 @@ def _formula(plan: StagePlan) -> str:
     )
 
 
-def _memory(cfg: RunConfig, plan: StagePlan, vocab: int | None) -> dict[str, MemoryEstimate]:
-    """Each phase's per-GPU estimate; {} until the vocabulary is known. The config has no
-    pipeline or sequence-parallel keys yet: PP=1, SP off."""
+def _memory(cfg: RunConfig, plan: StagePlan, vocab: int | None) -> dict[str, list[MemoryEstimate]]:
+    """Each phase's per-GPU estimate of every pipeline stage (one without a pipeline); {}
+    until the vocabulary is known."""
     if not vocab:
         return {}
     dims = ModelDims.from_config(cfg, vocab)
     backend = cfg.train.ops_backend
     zero = ZeroOptions.from_deepspeed(cfg.parallel.deepspeed)
+    pp = cfg.parallel.pipeline_model_parallel_size
+    bounds = None
+    if pp > 1:
+        # The split the model makes: balanced over counts with V padded as for TP=1.
+        split_vocab = ModelDims.from_config(cfg, vocab, tensor_parallel_size=1).vocab_size
+        bounds = tuple(pipeline_stage_bounds(pipeline_layer_parameters(dims, split_vocab), pp))
     return {
-        ph.name: estimate_memory(
+        ph.name: estimate_stages(
             dims,
             Layout(
                 micro_batch=ph.micro_batch_size,
                 seq_len=ph.seq_len,
                 patch_size=ph.patch_size,
                 tp=cfg.parallel.tensor_model_parallel_size,
-                pp=1,
+                pp=pp,
                 dp=plan.dp_size,
                 zero_stage=cfg.parallel.zero_stage,
                 precision=cfg.train.precision,
-                sequence_parallel=False,
+                sequence_parallel=cfg.parallel.sequence_parallel,
                 activation_checkpointing=cfg.model.activation_checkpointing,
                 backend="triton" if backend == "auto" else backend,  # auto is triton on CUDA
                 zero=zero,
+                micro_batches=ph.grad_accum,
+                stage_bounds=bounds,
             ),
         )
         for ph in plan.phases
     }
+
+
+def _worst(stages: list[MemoryEstimate]) -> MemoryEstimate:
+    return max(stages, key=lambda est: est.total)
 
 
 def _cuda_device_memory() -> tuple[int | None, str]:
@@ -292,15 +311,18 @@ def _cuda_device_memory() -> tuple[int | None, str]:
         return None, "no CUDA device (nvidia-smi gave no memory size)"
 
 
-def _memory_json(memory: dict[str, MemoryEstimate], gpu_memory: int | None) -> dict | None:
+def _memory_json(memory: dict[str, list[MemoryEstimate]], gpu_memory: int | None) -> dict | None:
     if not memory:
         return None
-    worst = max(est.total for est in memory.values())
-    return {
-        "phases": {name: est.as_dict() for name, est in memory.items()},
+    worst = max(_worst(stages).total for stages in memory.values())
+    out = {
+        "phases": {name: _worst(stages).as_dict() for name, stages in memory.items()},
         "gpu_memory": gpu_memory,
         "fits": None if gpu_memory is None else worst <= gpu_memory,
     }
+    if any(len(stages) > 1 for stages in memory.values()):
+        out["stages"] = {name: [est.as_dict() for est in stages] for name, stages in memory.items()}
+    return out
 
 
 _MEMORY_COLUMNS = (
@@ -320,39 +342,94 @@ def _memory_report(
 ) -> str:
     if not memory:
         return "memory  unknown until the vocabulary is known (see the model line)"
-    t, m = cfg.train, cfg.model
+    t, m, par = cfg.train, cfg.model, cfg.parallel
     backend = "triton (auto, on CUDA)" if t.ops_backend == "auto" else t.ops_backend
     checkpointing = "on" if m.activation_checkpointing else "off"
+    sequence = "on" if par.sequence_parallel else "off"
+    pp = par.pipeline_model_parallel_size
     lines = [
-        f"memory per GPU, GiB (estimate; ZeRO-{cfg.parallel.zero_stage}, {t.precision}, TP "
-        f"{cfg.parallel.tensor_model_parallel_size}, PP 1, loss backend {backend}, activation "
-        f"checkpointing {checkpointing}, sequence parallelism off)"
+        f"memory per GPU, GiB (estimate; ZeRO-{par.zero_stage}, {t.precision}, TP "
+        f"{par.tensor_model_parallel_size}, PP {pp}, loss backend {backend}, activation "
+        f"checkpointing {checkpointing}, sequence parallelism {sequence})"
     ]
-    rows = [["phase", "micro", *_MEMORY_COLUMNS]]
-    for name, est in memory.items():
-        values = (est.params, est.gradients, est.optimizer, est.activations, est.logits)
-        values += (est.buffers, est.step_buffers, est.total)
-        rows.append([name, str(plan.phase(name).micro_batch_size), *map(format_gib, values)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += [
-        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
-        for r in rows
-    ]
-    lines.append(
-        "        optimizer: fp32 master + Adam; buffers: reduce buckets and the loss's fp32 "
-        "gradients; step: the optimizer step's fp32 gradients"
+    if pp == 1:
+        rows = [["phase", "micro", *_MEMORY_COLUMNS]]
+        for name, (est,) in memory.items():
+            values = (est.params, est.gradients, est.optimizer, est.activations, est.logits)
+            values += (est.buffers, est.step_buffers, est.total)
+            rows.append([name, str(plan.phase(name).micro_batch_size), *map(format_gib, values)])
+        lines += _aligned(rows, left=1)
+        lines.append(
+            "        optimizer: fp32 master + Adam; buffers: reduce buckets and the loss's fp32 "
+            "gradients; step: the optimizer step's fp32 gradients"
+        )
+        lines.append(
+            "        total = params + grads + optimizer + the larger of (activations + logits + "
+            "buffers) and step (docs/memory.md)"
+        )
+    else:
+        lines += _aligned(_stage_rows(cfg, plan, memory), left=3)
+        lines.append(
+            "        stage s keeps min(P - s, m) micro-batches in flight under 1F1B (m: the "
+            "phase's micro-batches per step); only the last holds the loss"
+        )
+        lines.append(
+            "        grads: the stage's, whole until the step's last micro-batch; pipe: stage-"
+            "boundary buffers (inputs and outputs in flight, the receive buffer, ids and labels)"
+        )
+        lines.append(
+            "        optimizer: fp32 master + Adam; buffers: reduce buckets and the loss's fp32 "
+            "gradients; step: the optimizer step's fp32 gradients"
+        )
+        lines.append(
+            "        total = params + optimizer + the larger of (grads + activations + pipe + "
+            "logits + buffers) and (step + the gradients and pipe buffers left at it) "
+            "(docs/memory.md)"
+        )
+    name, worst = max(
+        ((name, _worst(stages)) for name, stages in memory.items()), key=lambda x: x[1].total
     )
-    lines.append(
-        "        total = params + grads + optimizer + the larger of (activations + logits + "
-        "buffers) and step (docs/memory.md)"
-    )
-    name, worst = max(memory.items(), key=lambda item: item[1].total)
     if gpu_memory is None:
         lines.append(f"fits    no verdict: {gpu_source}; pass --gpu-memory, e.g. 80GiB")
     else:
         verdict = "yes" if worst.total <= gpu_memory else "NO"
+        where = f"the {name} phase"
+        if pp > 1:
+            layers = stage_layers(*worst.layers, m.n_layers)
+            where = f"stage {worst.stage} ({layers}) in the {name} phase"
         lines.append(
-            f"fits    in {format_gib(gpu_memory)} GiB ({gpu_source}): {verdict}, the {name} "
-            f"phase peaks at {format_gib(worst.total)} GiB ({worst.total / gpu_memory:.0%})"
+            f"fits    in {format_gib(gpu_memory)} GiB ({gpu_source}): {verdict}, {where} "
+            f"peaks at {format_gib(worst.total)} GiB ({worst.total / gpu_memory:.0%})"
         )
     return "\n".join(lines)
+
+
+_STAGE_COLUMNS = ("phase", "stage", "layers", "micro", "in flight", "params", "grads",
+                  "optimizer", "activations", "pipe", "logits", "buffers", "step", "total")  # fmt: skip
+
+
+def _stage_rows(cfg: RunConfig, plan: StagePlan, memory) -> list[list[str]]:
+    """One row per phase and pipeline stage."""
+    rows = [list(_STAGE_COLUMNS)]
+    for name, stages in memory.items():
+        for est in stages:
+            values = (est.params, est.gradients + est.grad_buffer, est.optimizer)
+            values += (est.activations, est.pipe_buffers, est.logits, est.buffers)
+            values += (est.step_buffers, est.total)
+            layers = stage_layers(*est.layers, cfg.model.n_layers)
+            micro = str(plan.phase(name).micro_batch_size)
+            rows.append([name, str(est.stage), layers, micro, str(est.in_flight)])
+            rows[-1] += map(format_gib, values)
+    return rows
+
+
+def _aligned(rows: list[list[str]], left: int) -> list[str]:
+    """Rows as lines: the first `left` columns flush left, the others right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            [c.ljust(w) for c, w in zip(r[:left], widths)]
+            + [c.rjust(w) for c, w in zip(r[left:], widths[left:])]
+        ).rstrip()
+        for r in rows
+    ]
