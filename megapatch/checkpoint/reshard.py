@@ -92,21 +92,13 @@ def needs_reshard(saved: Layout, target: Layout) -> bool:
 
 def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: dict) -> None:
     """Refuse, before any work, a reshard that cannot succeed (one line, the way out)."""
-    from megapatch.config.validation import model_shape_problems
+    from megapatch.config.validation import model_shape_problems, pipeline_problems
 
     pp = f"parallel.pipeline_model_parallel_size={saved.pp}, " if saved.pp > 1 else ""
     keep = (
         f"resume it as it was written (parallel.tensor_model_parallel_size={saved.tp}, {pp}"
         f"parallel.zero_stage={saved.zero}, {saved.tp * saved.pp * saved.dp} ranks)"
     )
-    if saved.pp > 1 or target.pp > 1:
-        # The pipeline engine names parameters by layer index and keeps its ZeRO-1
-        # partitions per stage; the universal conversion here knows the one-stage layout.
-        raise CheckpointError(
-            f"checkpoint {where} ({saved}) cannot be resharded to {target}: pipeline-parallel "
-            f"layouts do not reshard yet; {keep}, or `megapatch export` it and start a run "
-            "with init.from_hf (weights only)"
-        )
     if 0 in (saved.zero, target.zero):
         raise CheckpointError(
             f"checkpoint {where} ({saved}) cannot be resharded to {target}: ZeRO-0 keeps a plain "
@@ -135,6 +127,11 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
         n_kv_heads=model_config.get("n_kv_heads"),
         ffn_hidden=model_config["ffn_hidden"],
         tensor_parallel_size=target.tp,
+    ) + pipeline_problems(
+        pipeline_size=target.pp,
+        zero_stage=target.zero,
+        n_layers=model_config["n_layers"],
+        tie_embeddings=bool(model_config.get("tie_embeddings", False)),
     )
     if problems:
         key, value, expected = problems[0]
@@ -148,11 +145,22 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict[str, Any]:
     """How each parameter is split over TP, in the form `ds_to_universal` reads (the
     module attribute `universal_checkpoint_info`, saved in every model-states file):
     replicated, split along rows (dim 0, the converter's default), along columns (dim 1),
-    and the vocabulary weights whose TP padding the converter strips."""
+    and the vocabulary weights whose TP padding the converter strips. For a pipeline stage
+    it names every stage's parameters (the converter reads one rank's copy), as the
+    pipeline names them."""
     from deepspeed.checkpoint import constants as c
 
+    from megapatch.model import GPT
+    from megapatch.model.pipeline import pipe_parameter_name
+
+    pipelined = hasattr(model, "gpt_named_parameters")
+    if pipelined:
+        with torch.device("meta"):  # the whole model's names and splits, no memory
+            skeleton = GPT(model.cfg)
+    named = (skeleton if pipelined else model).named_parameters()
     replicated, columns, vocabulary = [], [], []
-    for name, param in model.named_parameters():
+    for gpt_name, param in named:
+        name = pipe_parameter_name(gpt_name, model.cfg.n_layers) if pipelined else gpt_name
         pattern = f"^{re.escape(name)}$"
         dim = getattr(param, "partition_dim", None)
         if dim is None:
@@ -161,7 +169,7 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict[str, Any]:
             columns.append(pattern)
         elif dim != 0:
             raise ValueError(f"{name}: partition_dim {dim} has no universal-checkpoint form")
-        if name in VOCAB_WEIGHTS:
+        if gpt_name in VOCAB_WEIGHTS:
             vocabulary.append(pattern)
     return {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
@@ -170,6 +178,25 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict[str, Any]:
         c.VOCABULARY_PARAMETER_PATTERNS: vocabulary,
         c.ORIGINAL_VOCAB_SIZE: model.cfg.vocab_size,
     }
+
+
+def _name_parameters_for_every_layout(zero: Path, n_layers: int) -> None:
+    """A universal checkpoint keeps one folder per parameter, named as the saving model
+    named it; DeepSpeed's loader looks a parameter up by the loading model's name. A
+    pipeline names a parameter "<layer>.<local name>", the GPT by its module path: give each
+    folder the other layout's name too (a relative symlink), so any layout loads it."""
+    from megapatch.model.pipeline import gpt_parameter_name, pipe_parameter_name
+
+    for folder in sorted(p for p in zero.iterdir() if p.is_dir() and not p.is_symlink()):
+        name = folder.name
+        other = (
+            gpt_parameter_name(name, n_layers)
+            if name[0].isdigit()
+            else pipe_parameter_name(name, n_layers)
+        )
+        alias = zero / other
+        if not alias.exists():
+            alias.symlink_to(name, target_is_directory=True)
 
 
 # -- where the converted checkpoint lives ------------------------------------------------------
@@ -230,7 +257,13 @@ class _Progress(io.TextIOBase):
 
 
 def convert(
-    step_dir: Path, out: Path, *, step: int, workers: int = 1, bar: bool = False
+    step_dir: Path,
+    out: Path,
+    *,
+    step: int,
+    n_layers: int,
+    workers: int = 1,
+    bar: bool = False,
 ) -> ReshardResult:
     """Write the universal form of checkpoint `step_dir` to `out`, atomically: under a
     temporary name beside `out`, renamed once complete. `step_dir` is only read. A complete
@@ -253,6 +286,7 @@ def convert(
         _run_converter(step_dir, data, workers=workers, bar=bar)
         faults.maybe_kill_in_reshard(step)
         _name_model_states_for_every_stage(data)
+        _name_parameters_for_every_layout(data / "zero", n_layers)
         _add_stage3_common_state(data)
         if (step_dir / "megapatch").is_dir():  # per-rank RNG: kept for the ranks that remain
             shutil.copytree(step_dir / "megapatch", data / "megapatch")
@@ -374,7 +408,8 @@ def reshard_for_resume(step_dir: Path, client: ClientState, target: Layout) -> P
                     f"parallel.zero_stage={saved.zero}, {saved.tp * saved.dp} ranks)"
                 )
             remove_stale(step_dir.parent)
-            result = convert(step_dir, out, step=client.step)
+            n_layers = int(client.model_config["n_layers"])
+            result = convert(step_dir, out, step=client.step, n_layers=n_layers)
         except CheckpointError as exc:
             error = exc
             with contextlib.suppress(OSError):
@@ -418,7 +453,8 @@ def read_universal_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 
     zero = step_dir / "zero"
     state = {}
-    for param_dir in sorted(p for p in zero.iterdir() if p.is_dir()):
+    # GPT names only: a folder also answers to its pipeline name (a symlink, or the other way)
+    for param_dir in sorted(p for p in zero.iterdir() if p.is_dir() and not p.name[0].isdigit()):
         saved = safe_load(param_dir / "fp32.pt")
         state[param_dir.name] = saved["param"]
     return state

@@ -55,6 +55,14 @@ def gpt_parameter_name(pipe_name: str, n_layers: int) -> str:
     return f"layers.{layer - 1}.{local}" if 1 <= layer <= n_layers else local
 
 
+def pipe_parameter_name(gpt_name: str, n_layers: int) -> str:
+    """The pipeline's name of the GPT's parameter `gpt_name` (gpt_parameter_name's inverse)."""
+    if gpt_name.startswith("layers."):
+        _, index, local = gpt_name.split(".", 2)
+        return f"{int(index) + 1}.{local}"
+    return f"0.{gpt_name}" if gpt_name.startswith("embed_tokens.") else f"{n_layers + 1}.{gpt_name}"
+
+
 def layer_prefix(layer: int, n_layers: int) -> str:
     """What a pipeline layer's local parameter names are prefixed with in the GPT."""
     return f"layers.{layer - 1}." if 1 <= layer <= n_layers else ""
@@ -216,6 +224,7 @@ __all__ = [
     "HeadPipe",
     "build_pipeline_model",
     "gpt_parameter_name",
+    "pipe_parameter_name",
     "layer_prefix",
     "layer_parameter_counts",
     "stage_partition",

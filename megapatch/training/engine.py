@@ -168,9 +168,8 @@ def build_engine(
     from megapatch.checkpoint.reshard import universal_checkpoint_info
 
     pipelined = cfg.parallel.pipeline_model_parallel_size > 1
-    if not pipelined:
-        # Saved in every checkpoint: how to merge the TP shards when it is resharded.
-        model.universal_checkpoint_info = universal_checkpoint_info(model)
+    # Saved in every checkpoint: how to merge the TP shards when it is resharded.
+    model.universal_checkpoint_info = universal_checkpoint_info(model)
 
     t = cfg.train
     config = deepspeed_config(
