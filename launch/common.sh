@@ -64,7 +64,8 @@ _environ_of() {
 # apart "nodes" that share one machine) and whose parent does not catch SIGUSR1 (a rank's
 # children, data-loader workers, inherit its handler). With $2 = USR1, each rank gets
 # SIGUSR1 once, as soon as it catches it; with $2 = 0, none. Returns once none of the
-# launch's processes is left here (at once if none has started): 0 if it signalled a rank.
+# launch's processes is left here (at once if none has started): with USR1, 0 if it
+# signalled a rank.
 stop_tagged_ranks() {
     local tag="MEGAPATCH_LAUNCH_ID=$1" signal=${2:-USR1} signalled=" " here session file pid ppid
     local -a tagged
@@ -84,7 +85,7 @@ stop_tagged_ranks() {
             if catches_usr1 "$pid"; then catching[$pid]=1; else catching[$pid]=0; fi
         done
         if [ "${#catching[@]}" -eq 0 ]; then
-            [ "$signalled" != " " ]
+            [ "$signal" = 0 ] || [ "$signalled" != " " ]
             return
         fi
         for pid in "${!catching[@]}"; do

@@ -1,8 +1,9 @@
 """launch/deepspeed.sh across two "nodes" over ssh, as a cluster without a scheduler runs
 it: a hostfile of 127.0.0.2 and 127.0.0.3 (2 slots each), a real sshd listening on both
 (tests/launch/ssh_nodes.py), key-only login, and the DeepSpeed launcher's default pdsh
-runner starting each node's ranks through ssh. A SIGTERM to the script must reach the
-ranks on both nodes, which checkpoint (each rank its own files) and exit 0."""
+runner starting each node's ranks through ssh, a TP2 x PP2 run of the tiny model. A
+SIGTERM to the script must stop the ranks on both nodes, which checkpoint (each rank its
+own files) and exit 0."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from tests.launch.ssh_nodes import SshNodes, SshUnavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.xdist_group("ssh-nodes")]
 
-# The 4 ranks as TP2 x DP2 (PP = 1) or TP2 x PP2 (PP = 2: two blocks, one per stage).
-TP, PP = 2, 1  # PP = 2 once pipeline parallelism has landed
+# The 4 ranks as TP2 x PP2: two blocks, one per stage, each stage on one node (PP = 1:
+# TP2 x DP2).
+TP, PP = 2, 2
 LAYOUT = [
     f"parallel.tensor_model_parallel_size={TP}",
     *([f"parallel.pipeline_model_parallel_size={PP}", f"model.n_layers={PP}"] if PP > 1 else []),
@@ -175,7 +177,11 @@ def test_sigterm_to_the_script_checkpoints_on_both_nodes(ssh_nodes, tiny_corpus,
     (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
     assert (checkpoint / "COMPLETE").exists()
     assert int(checkpoint.name.removeprefix("step_")) == summary["global_step"] < STEPS
-    # Every rank wrote its own files: megapatch's rank state, DeepSpeed's ZeRO-1 shard.
+    # Every rank wrote its own files: megapatch's rank state, DeepSpeed's ZeRO-1 shard;
+    # and the first data-parallel rank of each model-parallel rank (TP x PP of them: with
+    # PP = 2 the second stage is the second node's) its model states.
     rank_files = sorted(p.name for p in (checkpoint / "megapatch").glob("rank_*.pt"))
     assert rank_files == [f"rank_{rank:05d}.pt" for rank in range(4)]
     assert len(list(checkpoint.glob("*_optim_states.pt"))) == 4
+    model_files = sorted(p.name for p in checkpoint.glob("mp_rank_*_model_states.pt"))
+    assert model_files == [f"mp_rank_{rank:02d}_model_states.pt" for rank in range(TP * PP)]
