@@ -70,9 +70,10 @@ block 0 .. n-1, head] (`pipeline_stage_bounds`, the same split megapatch.model.p
 makes) and keeps up to min(P - s, m) micro-batches in flight. Its model state differs
 from the flat engine's (checked to the byte on CPU):
 
-    ZeRO-1             no gradient hooks between micro-batches: the stage's gradients
-                       accumulate whole (a*N) over the step, and the partition's (as
-                       above) are what is left at the optimizer step.
+    ZeRO-1             gradients are reduced only in the step's last micro-batch: the
+                       stage's accumulate whole (a*N) until then, with the reduce
+                       bucket at the end; the partition's (as above) are what is left
+                       at the optimizer step.
     ZeRO-0 bf16        DeepSpeed's BF16_Optimizer: flat groups padded to 2*DP as in ZeRO-1,
                        fp32 master and Adam partitioned over DP, a flat gradient
                        accumulator in the model dtype (a*A) for the whole run, the per-
