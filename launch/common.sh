@@ -5,6 +5,8 @@
 PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 # A command prefix for the preflight, e.g. `srun ... --container-image=...` (train.sbatch).
 ON_NODE=()
+# The function run_launcher calls to signal the training ranks (see there).
+DELIVER_STOP=_deliver_stop
 
 die() {
     echo "$PROG: error: $*" >&2
@@ -147,7 +149,6 @@ _running() { # alive and not a zombie waiting to be reaped
 # launcher exits, so ranks still starting up get it too.
 run_launcher() {
     STOP_SIGNAL="" SIGNALLED=" " LAUNCHER_PID=""
-    DELIVER_STOP=${DELIVER_STOP:-_deliver_stop}
     trap '_stop_requested USR1' USR1
     trap '_stop_requested TERM' TERM
     (

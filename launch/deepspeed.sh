@@ -21,8 +21,8 @@
 # TOKENIZERS_PARALLELISM and every MEGAPATCH_*, WANDB_*, HF_*, TORCH_*, TORCHDYNAMO_*,
 # TORCHINDUCTOR_*, TRITON_*, CUDA_* and NVIDIA_* variable (through a DS_ENV_FILE it
 # writes), plus those named with --export.
-# SIGUSR1 or SIGTERM to this script: the ranks checkpoint and exit 0 (on every node over
-# ssh: the script reaches them with pdsh, and returns once none is left on any node).
+# SIGUSR1 or SIGTERM to this script: the ranks checkpoint and exit 0 (over ssh, the ranks
+# of every node: the script signals the first node's through pdsh, see launch/README.md).
 #
 # Environment: PYTHON (interpreter with megapatch installed), DEEPSPEED_ARGS (extra
 # launcher options, e.g. "--bind_cores_to_rank").
@@ -188,7 +188,7 @@ if [ "$opt_dry_run" = 1 ]; then
 fi
 rc=0
 run_launcher "${launcher[@]}" || rc=$?
-if [ "${DELIVER_STOP:-}" = _deliver_stop_over_ssh ]; then
+if [ "$DELIVER_STOP" = _deliver_stop_over_ssh ]; then
     trap '' USR1 TERM # a stop is under way, or the run is over
     [ -z "$STOP_HELPER" ] || wait "$STOP_HELPER" || true
     # DeepSpeed's launcher returns before the ranks do when it was signalled itself (its
