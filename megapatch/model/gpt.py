@@ -23,7 +23,7 @@ from megapatch.model.transformer import (
     residual_init_std,
     rotary_cos_sin,
 )
-from megapatch.ops import patch_loss, vocab_parallel_patch_loss
+from megapatch.ops import patch_loss, run_value_checks, vocab_parallel_patch_loss
 from megapatch.parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -238,9 +238,7 @@ def loss_from_hidden(
     output head [V_pad/tp, D] (rows from `vocab_start`); the ops never build [N, V] logits
     (except the reference backend)."""
     if position_weights is not None:  # [K]
-        position_weights = torch.as_tensor(
-            position_weights, dtype=torch.float32, device=hidden.device
-        )
+        position_weights = _weights_on(position_weights, hidden.device)
     if get_tensor_model_parallel_world_size() == 1:
         return patch_loss(
             hidden,
@@ -264,6 +262,22 @@ def loss_from_hidden(
     )
 
 
+_WEIGHTS_ON_DEVICE: dict = {}
+
+
+def _weights_on(weights, device: torch.device) -> torch.Tensor:
+    """The K target weights as an fp32 tensor on `device`; a phase's tuple is copied to the
+    device once, not at every step (each copy would wait for the stream)."""
+    if isinstance(weights, torch.Tensor):
+        return weights.to(device=device, dtype=torch.float32)
+    key = (tuple(float(w) for w in weights), str(device))
+    if key not in _WEIGHTS_ON_DEVICE:
+        if len(_WEIGHTS_ON_DEVICE) > 64:
+            _WEIGHTS_ON_DEVICE.clear()
+        _WEIGHTS_ON_DEVICE[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+    return _WEIGHTS_ON_DEVICE[key]
+
+
 def check_inputs(
     cfg: GPTConfig, input_ids: torch.Tensor | None, targets: torch.Tensor | None, patch_size: int
 ) -> None:
@@ -285,16 +299,26 @@ def check_inputs(
             f"targets must have the shape of input_ids {(B, T)} (the window shifted by K={patch_size}), "
             f"got {tuple(targets.shape)}"
         )
-    if input_ids is not None:
-        _check_ids("input_ids", input_ids, cfg.vocab_size)
-    if targets is not None:
-        _check_ids("targets", targets[targets != IGNORE_INDEX], cfg.vocab_size)
+    named = [(n, t) for n, t in (("input_ids", input_ids), ("targets", targets)) if t is not None]
+    signature = ("gpt-ids", cfg.vocab_size, *((n, tuple(t.shape)) for n, t in named))
+    # A host sync: on a GPU once per shape (ops.run_value_checks); the loader checks every
+    # window's ids against the vocabulary anyway, off the training path.
+    run_value_checks(signature, ids.device, lambda: _check_ids(named, cfg.vocab_size))
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    if ids.numel() == 0:
+def _check_ids(named: list[tuple[str, torch.Tensor]], vocab_size: int) -> None:
+    """Every id in [0, vocab_size), IGNORE_INDEX targets aside: one host sync for all."""
+    bounds, names = [], []
+    for name, ids in named:
+        if ids.numel() == 0:
+            continue
+        if name == "targets":
+            ids = torch.where(ids == IGNORE_INDEX, torch.zeros_like(ids), ids)
+        bounds.append(torch.stack(torch.aminmax(ids)))
+        names.append(name)
+    if not bounds:
         return
-    low, high = (int(v) for v in torch.aminmax(ids))  # one reduction: one device sync
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise DataError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    for name, (low, high) in zip(names, torch.stack(bounds).tolist()):
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
