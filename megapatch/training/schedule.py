@@ -690,14 +690,15 @@ def plan_for_world(
 
 
 def check_pipeline_split(cfg, vocab_size: int, check) -> None:
-    """Every pipeline stage of the parameter-balanced split holds a transformer block."""
-    from megapatch.model import GPTConfig
-    from megapatch.model.pipeline import stage_partition
-    from megapatch.parallel import empty_stages
+    """Every pipeline stage of the parameter-balanced split holds a transformer block.
+    Torch-free (the plan and the launchers' preflight import no torch): the split is
+    memory.pipeline_stage_bounds, tested equal to the model's own (DeepSpeed's)."""
+    from megapatch.training.memory import pipeline_layer_parameters, pipeline_stage_bounds
 
     pp, n = cfg.parallel.pipeline_model_parallel_size, cfg.model.n_layers
-    parts = stage_partition(GPTConfig.from_run_config(cfg, vocab_size), pp)
-    empty = empty_stages(parts, 1, n + 1)
+    dims = ModelDims.from_config(cfg, vocab_size, tensor_parallel_size=1)  # V padded as at TP=1
+    parts = pipeline_stage_bounds(pipeline_layer_parameters(dims), pp)
+    empty = [s for s in range(pp) if max(parts[s], 1) >= min(parts[s + 1], n + 1)]
     if empty:
         check.fail(
             "parallel.pipeline_model_parallel_size",
