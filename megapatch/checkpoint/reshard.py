@@ -23,6 +23,7 @@ data position does not depend on the layout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -104,13 +105,6 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
             f"checkpoint {where} ({saved}) cannot be resharded to {target}: ZeRO-0 keeps a plain "
             "torch optimizer, which DeepSpeed's universal checkpoint neither converts nor loads; "
             f"{keep}, or use ZeRO-1 on both sides"
-        )
-    if saved.zero == 3:
-        # DeepSpeed 0.19's converter writes no Adam step per parameter for ZeRO-3 (the
-        # ZeRO-1/2 loader would restart bias correction) nor its vocabulary padding.
-        raise CheckpointError(
-            f"checkpoint {where} ({saved}) cannot be resharded to {target}: a ZeRO-3 "
-            f"checkpoint does not reshard yet; {keep}"
         )
     for side in (saved, target):
         if side.zero == 3 and side.tp > 1:
@@ -261,7 +255,7 @@ def convert(
     out: Path,
     *,
     step: int,
-    n_layers: int,
+    model_config: dict[str, Any],
     workers: int = 1,
     bar: bool = False,
 ) -> ReshardResult:
@@ -286,7 +280,8 @@ def convert(
         _run_converter(step_dir, data, workers=workers, bar=bar)
         faults.maybe_kill_in_reshard(step)
         _name_model_states_for_every_stage(data)
-        _name_parameters_for_every_layout(data / "zero", n_layers)
+        _zero3_in_the_common_form(data / "zero", model_config)
+        _name_parameters_for_every_layout(data / "zero", int(model_config["n_layers"]))
         _add_stage3_common_state(data)
         if (step_dir / "megapatch").is_dir():  # per-rank RNG: kept for the ranks that remain
             shutil.copytree(step_dir / "megapatch", data / "megapatch")
@@ -324,6 +319,51 @@ def _name_model_states_for_every_stage(folder: Path) -> None:
                     os.link(src, dst)
                 except OSError:
                     shutil.copy2(src, dst)
+
+
+def _zero3_in_the_common_form(zero: Path, model_config: dict[str, Any]) -> None:
+    """DeepSpeed 0.19 converts a ZeRO-3 checkpoint into bare flat tensors per parameter,
+    with the vocabulary padding kept, no Adam step per parameter and no DeepSpeed version
+    in the common state; its ZeRO-1/2 loader needs the form a ZeRO-1/2 conversion writes.
+    Rewrite a ZeRO-3 conversion into that form (which the ZeRO-3 loader reads as well):
+    each state shaped as the parameter, its TP split dimension, the vocabulary rows cut
+    to the real vocabulary and marked, the step beside it. ZeRO-3 sources are TP=1 (TP>1
+    is refused), so a parameter's shape is the whole model's."""
+    import deepspeed
+    from deepspeed.checkpoint import constants as c
+
+    from megapatch.checkpoint.safe_load import safe_load
+    from megapatch.model import GPT, GPTConfig
+
+    common_file = zero / "optimizer_state.pt"
+    common = safe_load(common_file)
+    if int(common.get("zero_stage", 0)) != 3:
+        return
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = GPTConfig(**{k: v for k, v in model_config.items() if k in known})
+    cfg.sequence_parallel = False
+    with torch.device("meta"):
+        skeleton = GPT(cfg)
+    state = common[c.OPTIMIZER_STATE_DICT]["state"]
+    step = next(iter(state.values()))["step"]
+    for name, param in skeleton.named_parameters():
+        folder = zero / name
+        dim = getattr(param, "partition_dim", None)
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            flat = safe_load(folder / f"{key}.pt")
+            if flat.numel() != param.numel():
+                raise ValueError(
+                    f"{name}/{key}: {flat.numel()} values in the ZeRO-3 conversion, the model "
+                    f"has {param.numel()}"
+                )
+            entry = {c.PARAM: flat.reshape(param.shape), c.CAT_DIM: 0 if dim is None else dim}
+            if name in VOCAB_WEIGHTS:
+                entry[c.PARAM] = entry[c.PARAM][: cfg.vocab_size].clone()
+                entry[c.VOCAB_TENSOR] = True
+            torch.save(entry, folder / f"{key}.pt")
+        torch.save(torch.as_tensor(step, dtype=torch.float32), folder / "step.pt")
+    common.setdefault(c.DS_VERSION, deepspeed.__version__)
+    torch.save(common, common_file)
 
 
 def _add_stage3_common_state(folder: Path) -> None:
@@ -408,8 +448,7 @@ def reshard_for_resume(step_dir: Path, client: ClientState, target: Layout) -> P
                     f"parallel.zero_stage={saved.zero}, {saved.tp * saved.dp} ranks)"
                 )
             remove_stale(step_dir.parent)
-            n_layers = int(client.model_config["n_layers"])
-            result = convert(step_dir, out, step=client.step, n_layers=n_layers)
+            result = convert(step_dir, out, step=client.step, model_config=client.model_config)
         except CheckpointError as exc:
             error = exc
             with contextlib.suppress(OSError):

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         step_dir,
         out,
         step=client.step,
-        n_layers=int(client.model_config["n_layers"]),
+        model_config=client.model_config,
         workers=workers,
         bar=bar_wanted(),
     )

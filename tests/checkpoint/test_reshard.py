@@ -58,7 +58,10 @@ def sources(reference) -> dict[str, Path]:
 def _universal_state(step_dir: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{param: {fp32, exp_avg, exp_avg_sq, step}} of any checkpoint, through the converter
     (from ZeRO-3 it writes bare flat tensors and keeps the step in the common state)."""
-    convert(step_dir, out, step=int(step_dir.name.split("_")[1]), n_layers=2)
+    from megapatch.checkpoint.client_state import read_client_state
+
+    config = read_client_state(step_dir).model_config
+    convert(step_dir, out, step=int(step_dir.name.split("_")[1]), model_config=config)
     common = torch.load(out / "zero" / "optimizer_state.pt", weights_only=False)
     state = {}
     # by the GPT's names (each folder also answers to its pipeline name)
@@ -123,7 +126,8 @@ def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsy
 # name: (source, its checkpoint, target overrides, nproc, last step). A source that is a
 # case is that case's resumed run: "dp2-z2" and "tp2-dp2" (both from the reference at step
 # 18, before the switch) are the sources of the cases after them, at the switch (20) and
-# after it (21); "pp2" (PP=2, from the reference at 18) is the source of "pp2-pp1@21".
+# after it (21); "dp2z2-dp1z3@20" (ZeRO-3) is the source of "z3-dp2z1@21"; "pp2" (PP=2,
+# from the reference at 18) is the source of "pp2-pp1@21".
 CASES = {
     "dp2-z2": ("ref", 18, [Z(2)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-2
     "dp2z2-dp1z3@20": ("dp2-z2", 20, [Z(3)], 1, 30),  # DP2 ZeRO-2 -> DP1 ZeRO-3
@@ -131,6 +135,7 @@ CASES = {
     "tp2-dp2": ("ref", 18, [TP2], 4, 27),  # TP1 -> TP2 and DP1 -> DP2 under ZeRO-1
     "tp2dp2-tp1dp1@20": ("tp2-dp2", 20, [], 1, 30),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
     "tp2dp2-tp1dp4@21": ("tp2-dp2", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
+    "z3-dp2z1@21": ("dp2z2-dp1z3@20", 21, [Z(1)], 2, 30),  # DP1 ZeRO-3 -> DP2 ZeRO-1
     "pp2": ("ref", 18, [PP2], 2, 27),  # PP1 -> PP2 under ZeRO-1
     "pp2-pp1@21": ("pp2", 21, [], 1, 30),  # PP2 -> PP1 under ZeRO-1, after the switch
 }
