@@ -8,7 +8,7 @@ Tokenization: the corpus is the sample (synthetic text if it cannot be fetched) 
 --corpus-mb, the sample followed by the Python standard library's own .py files (path
 order, test directories included) up to that size: text new to every cache, as a large
 real corpus is. It is prepped with a tokenizer trained beforehand on an even sample of
-at most 5 MB of it, with 1 and 2 workers, once with a sentencepiece BPE and once with a
+at most 8 MB of it, with 1 and 2 workers, once with a sentencepiece BPE and once with a
 Hugging Face byte-level BPE (tokenizer.json) of the same vocabulary size trained on the
 same text. Each prep runs in a fresh process, as `megapatch prep` does, so MB/s counts
 input text over the whole prep (read, decode, tokenize, write shards) including the
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -67,7 +68,7 @@ LOADER_TARGET = 50e6  # tokens/s
 TOKENIZE_TARGET = 3.0  # MB/s per worker
 
 
-TRAIN_SAMPLE_MB = 5.0  # the tokenizers are trained on at most this much of the corpus
+TRAIN_SAMPLE_MB = 8.0  # the tokenizers are trained on at most about this much of the corpus
 
 
 def corpus_texts(quick: bool, workdir: Path, corpus_mb: float | None) -> tuple[str, list[Path]]:
@@ -121,8 +122,7 @@ def _stdlib_sources(directory: Path, budget: float) -> list[Path]:
 def _even_sample(texts: list[str], limit_mb: float) -> list[str]:
     """Every k-th text, so that they hold at most about `limit_mb` MB."""
     total = sum(len(t.encode()) for t in texts) / 1e6
-    step = max(1, round(total / limit_mb + 0.5))
-    return texts[::step]
+    return texts[:: max(1, math.ceil(total / limit_mb))]
 
 
 # Runs one prep in a fresh process (as `megapatch prep` does: nothing cached from this one)
