@@ -34,10 +34,11 @@ from megapatch.checkpoint.client_state import ClientState, load_model_states
 from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
 from megapatch.checkpoint.reshard import VOCAB_WEIGHTS, is_universal, read_universal_weights
 from megapatch.checkpoint.safe_load import check_files, safe_load
+from megapatch.checkpoint.tp_shards import tensor_parallel_shard
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
 from megapatch.model import GPT, GPTConfig
-from megapatch.parallel import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from megapatch.parallel import get_tensor_model_parallel_world_size
 
 log = get_logger("checkpoint")
 
@@ -295,7 +296,6 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], *, source: str) 
     the one-line CheckpointError otherwise.
     """
     tp = get_tensor_model_parallel_world_size()
-    rank = get_tensor_model_parallel_rank()
     if hasattr(model, "gpt_named_parameters"):  # one pipeline stage: its share of the names
         params = dict(model.gpt_named_parameters())
         known = set(partition_dims(model.cfg))
@@ -324,12 +324,7 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], *, source: str) 
                 f"{source}: {name} has shape {tuple(full.shape)}, the model expects "
                 f"{tuple(expected)}"
             )
-        if name in VOCAB_WEIGHTS:
-            padding = model.padded_vocab_size - full.shape[0]
-            full = torch.cat([full, full.new_zeros(padding, *full.shape[1:])])
-        if dim is not None:
-            full = full.chunk(tp, dim=dim)[rank]
-        param.copy_(full)
+        param.copy_(tensor_parallel_shard(model, name, param, full))
 
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> GPT:
@@ -347,6 +342,7 @@ __all__ = [
     "read_checkpoint",
     "build_model",
     "load_full_state_dict",
+    "tensor_parallel_shard",
     "merge_tensor_parallel_shards",
     "partition_dims",
     "VOCAB_WEIGHTS",

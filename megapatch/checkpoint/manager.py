@@ -211,6 +211,19 @@ def _group_hyperparams(engine) -> list[dict[str, Any]]:
     ]
 
 
+def _load_universal_without_zero(engine, step_dir: Path) -> dict:
+    """DeepSpeed loads a universal checkpoint into its ZeRO optimizers only: megapatch's
+    own loader (zero0.py) for the rest; DeepSpeed's step counters from the model states."""
+    from megapatch.checkpoint.zero0 import load_universal
+
+    load_universal(engine, step_dir)
+    states = safe_load(step_dir / "mp_rank_00_model_states.pt", mmap=True)
+    for key in ("global_steps", "global_samples", "skipped_steps"):
+        if key in states:
+            setattr(engine, key, states[key])
+    return {k: v for k, v in states.items() if k not in ("module", "optimizer")}
+
+
 @dataclass
 class CheckpointInfo:
     tag: str
@@ -398,13 +411,16 @@ class CheckpointManager:
         # keep the run's own, which are the saved run's (same config identity).
         groups = _group_hyperparams(engine) if is_universal(checkpoint.path) else None
         try:
-            _, client_state = engine.load_checkpoint(
-                str(checkpoint.path.parent),
-                tag=checkpoint.tag,
-                load_optimizer_states=load_optimizer,
-                load_lr_scheduler_states=False,
-                load_module_strict=True,
-            )
+            if groups is not None and engine.zero_optimization_stage() == 0:
+                client_state = _load_universal_without_zero(engine, checkpoint.path)
+            else:
+                _, client_state = engine.load_checkpoint(
+                    str(checkpoint.path.parent),
+                    tag=checkpoint.tag,
+                    load_optimizer_states=load_optimizer,
+                    load_lr_scheduler_states=False,
+                    load_module_strict=True,
+                )
         except (RuntimeError, KeyError, FileNotFoundError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(

@@ -40,14 +40,12 @@ import torch.distributed as dist
 from megapatch import faults
 from megapatch.checkpoint.client_state import ClientState
 from megapatch.checkpoint.safe_load import check_files
+from megapatch.checkpoint.tp_shards import VOCAB_WEIGHTS  # unpadded in a universal checkpoint
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
 
 log = get_logger("reshard")
 
-# Weights whose rows are the vocabulary: padded for TP in a model, unpadded in a full
-# state dict (full_weights.py) and in a universal checkpoint.
-VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 UNIVERSAL_SUFFIX = ".universal"
 UNIVERSAL_MARKER = (
     "UNIVERSAL"  # in a converted folder, beside COMPLETE: which checkpoint it came from
@@ -100,12 +98,6 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
         f"resume it as it was written (parallel.tensor_model_parallel_size={saved.tp}, {pp}"
         f"parallel.zero_stage={saved.zero}, {saved.tp * saved.pp * saved.dp} ranks)"
     )
-    if 0 in (saved.zero, target.zero):
-        raise CheckpointError(
-            f"checkpoint {where} ({saved}) cannot be resharded to {target}: ZeRO-0 keeps a plain "
-            "torch optimizer, which DeepSpeed's universal checkpoint neither converts nor loads; "
-            f"{keep}, or use ZeRO-1 on both sides"
-        )
     for side in (saved, target):
         if side.zero == 3 and side.tp > 1:
             # DeepSpeed's converter and loader split ZeRO-3 TP shards only by its AutoTP
@@ -277,7 +269,14 @@ def convert(
     data = tmp / "universal"
     try:
         tmp.mkdir(parents=True)
-        _run_converter(step_dir, data, workers=workers, bar=bar)
+        from megapatch.checkpoint import zero0
+        from megapatch.checkpoint.client_state import read_client_state
+
+        client = read_client_state(step_dir)
+        if client.zero_stage == 0 and zero0.is_plain_zero0(step_dir):
+            zero0.to_universal(step_dir, data, client)  # DeepSpeed converts ZeRO only
+        else:
+            _run_converter(step_dir, data, workers=workers, bar=bar)
         faults.maybe_kill_in_reshard(step)
         _name_model_states_for_every_stage(data)
         _zero3_in_the_common_form(data / "zero", model_config)

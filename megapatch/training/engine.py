@@ -186,7 +186,7 @@ def build_engine(
         on_cuda=device.type == "cuda",
         overrides=cfg.parallel.deepspeed,
     )
-    if load_universal:
+    if load_universal and cfg.parallel.zero_stage > 0:  # ZeRO-0: megapatch loads it (zero0.py)
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     guarded = pipelined and not _wraps_optimizer(config)
     if pipelined:

@@ -126,7 +126,8 @@ def test_a_reshard_that_fails_midway_keeps_the_original(sources, tmp_path, capsy
 # name: (source, its checkpoint, target overrides, nproc, last step). A source that is a
 # case is that case's resumed run: "dp2-z2" and "tp2-dp2" (both from the reference at step
 # 18, before the switch) are the sources of the cases after them, at the switch (20) and
-# after it (21); "dp2z2-dp1z3@20" (ZeRO-3) is the source of "z3-dp2z1@21"; "pp2" (PP=2,
+# after it (21); "dp2z2-dp1z3@20" (ZeRO-3) is the source of "z3-dp2z1@21", "dp2-z0"
+# (ZeRO-0: megapatch's own conversion, checkpoint/zero0.py) of "z0dp2-tp2z1@21"; "pp2" (PP=2,
 # from the reference at 18) is the source of "pp2-pp1@21".
 CASES = {
     "dp2-z2": ("ref", 18, [Z(2)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-2
@@ -136,6 +137,8 @@ CASES = {
     "tp2dp2-tp1dp1@20": ("tp2-dp2", 20, [], 1, 30),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
     "tp2dp2-tp1dp4@21": ("tp2-dp2", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
     "z3-dp2z1@21": ("dp2z2-dp1z3@20", 21, [Z(1)], 2, 30),  # DP1 ZeRO-3 -> DP2 ZeRO-1
+    "dp2-z0": ("ref", 18, [Z(0)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-0 (megapatch loads it)
+    "z0dp2-tp2z1@21": ("dp2-z0", 21, [TP2, Z(1)], 2, 30),  # DP2 ZeRO-0 -> TP2 ZeRO-1
     "pp2": ("ref", 18, [PP2], 2, 27),  # PP1 -> PP2 under ZeRO-1
     "pp2-pp1@21": ("pp2", 21, [], 1, 30),  # PP2 -> PP1 under ZeRO-1, after the switch
 }
