@@ -111,6 +111,21 @@ def test_launcher_option_contradicts_config(run_dir):
     _fails_with_one_line(result, "torchrun.sh", "parallel.gpus_per_node=1", "2 ranks per node")
 
 
+@pytest.mark.parametrize("script", [TORCHRUN, DEEPSPEED], ids=["torchrun", "deepspeed"])
+def test_a_world_size_that_tp_x_pp_does_not_divide_is_refused(run_dir, script):
+    # world size = TP x DP x PP: 6 ranks cannot hold TP2 x PP2
+    layout = ("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2")
+    nproc = "--nproc_per_node" if script == TORCHRUN else "--num_gpus"
+    extra = [] if script == TORCHRUN else ["--no_ssh", "--num_nodes", "1", "--node_rank", "0"]
+    result = run_script(script, nproc, "6", *extra, *_config(run_dir, *layout))
+    _fails_with_one_line(
+        result,
+        Path(script).name,
+        "parallel.pipeline_model_parallel_size=2",
+        "a divisor of the world size 6 / TP=2",
+    )
+
+
 def test_bad_config_is_one_clear_line(run_dir):
     result = run_script(TORCHRUN, *_config(run_dir, "train.lr=fast"))
     _fails_with_one_line(result, "torchrun.sh", "train.lr")
