@@ -7,8 +7,9 @@
 Debian's `openssh-server`, `openssh-client` and `pdsh` are installed on first use (root and
 apt-get needed; `apt_install` of slurm_cluster). Everything else lives under `workdir`: a
 throwaway host key and user key pair, sshd's own config, pid file and log, the authorized
-key, a known_hosts file and an ssh client config. sshd runs in the foreground as our child
-and is stopped by its process id. It accepts only that key, only for the current user.
+key, a known_hosts file and an ssh client config (and, for an sshd run as root, the empty
+/run/sshd it insists on, made if missing). sshd runs in the foreground as our child and is
+stopped by its process id. It accepts only that key, only for the current user.
 
 Nothing of the system's ssh setup or of ~/.ssh is read or written. The client side is an
 `ssh` first on PATH that runs the real one with `-F` our config: the DeepSpeed launcher runs
@@ -34,7 +35,9 @@ from tests.launch.slurm_cluster import apt_install
 PACKAGES = ("openssh-server", "openssh-client", "pdsh")
 ADDRESSES = ("127.0.0.2", "127.0.0.3")  # Linux routes all of 127/8 to the loopback device
 # sshd as root needs its privilege-separation directory (made by the system's ssh service
-# when it starts; absent on a machine that never ran one).
+# when it starts; absent on a machine that never ran one). Made if missing and left there:
+# an empty runtime directory, which another sshd started meanwhile (another test session)
+# needs at each login.
 PRIVSEP_DIR = Path("/run/sshd")
 
 
@@ -80,11 +83,16 @@ def _free_port() -> int:
 
 def _keygen(keygen: str, path: Path, comment: str) -> str:
     """A new ed25519 key pair without passphrase at path (and path.pub); the public key."""
-    subprocess.run(
+    for old in (path, path.with_suffix(".pub")):
+        old.unlink(missing_ok=True)  # ssh-keygen would ask before overwriting
+    done = subprocess.run(
         [keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
+        text=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"ssh-keygen failed ({done.returncode}): {done.stderr.strip()}")
     return path.with_suffix(".pub").read_text().strip()
 
 
@@ -133,7 +141,6 @@ class SshNodes:
     port: int
     user: str
     proc: subprocess.Popen | None = None
-    made_privsep_dir: bool = False
     hosts: tuple[str, ...] = ADDRESSES
     _tools: dict[str, str] = field(default_factory=dict)
 
@@ -168,9 +175,8 @@ class SshNodes:
         authorized.chmod(0o600)
 
     def _start_sshd(self, timeout: float) -> None:
-        if os.geteuid() == 0 and not PRIVSEP_DIR.exists():
-            PRIVSEP_DIR.mkdir(mode=0o755)
-            self.made_privsep_dir = True
+        if os.geteuid() == 0:
+            PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         for _ in range(3):  # another process may take the free port before sshd binds it
             self.port = _free_port()
             (self.root / "sshd_config").write_text(
@@ -261,7 +267,7 @@ class SshNodes:
         return "\n".join(lines) or "(empty)"
 
     def stop(self) -> None:
-        """Stop our sshd (by pid); remove /run/sshd if we made it."""
+        """Stop our sshd (by pid)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -269,9 +275,3 @@ class SshNodes:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.made_privsep_dir:
-            try:
-                PRIVSEP_DIR.rmdir()
-            except OSError:  # someone else's sshd started meanwhile and uses it
-                pass
-            self.made_privsep_dir = False
