@@ -210,7 +210,35 @@ def build_engine(
     )
     if guarded:
         engine.step_guard = PipelineStepGuard(engine, t.grad_clip)
+    _mark_tensor_parallel_gradients(engine.optimizer)
     return engine
+
+
+def _mark_tensor_parallel_gradients(optimizer) -> None:
+    """DeepSpeed's unfused mixed-precision optimizer (bf16/fp16 without ZeRO, no pipeline)
+    computes the gradient norm it clips by, and reports, from the gradient tensors, which
+    do not carry their parameters' `tensor_model_parallel` mark: on every TP rank but the
+    first it takes them all for replicated copies and leaves them out, so the norm misses
+    most of the sharded weights' gradients. Mark the gradients before each step."""
+    if not (hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups")):
+        return
+    sharded = [
+        p
+        for group in optimizer.fp16_groups
+        for p in group
+        if getattr(p, "tensor_model_parallel", False)
+    ]
+    if not sharded:
+        return
+    step = optimizer.step
+
+    def step_with_marked_gradients(*args, **kwargs):
+        for param in sharded:
+            if param.grad is not None:
+                param.grad.tensor_model_parallel = True
+        return step(*args, **kwargs)
+
+    optimizer.step = step_with_marked_gradients
 
 
 def _wraps_optimizer(config: dict[str, Any]) -> bool:

@@ -138,6 +138,23 @@ def test_tp2_matches_one_process(reference_run, tiny_corpus, tmp_path):
 
 
 @pytest.mark.distributed
+def test_tp2_bf16_without_zero_clips_by_the_whole_models_gradient_norm(tiny_corpus, tmp_path):
+    # DeepSpeed's unfused bf16 optimizer would leave TP rank 1's shards out of the norm
+    # (engine._mark_tensor_parallel_gradients); clipping at 0.5 makes that change the losses.
+    common = ("parallel.zero_stage=0", "train.precision=bf16", "train.grad_clip=0.5")
+    common += ("train.max_steps=3", "eval.interval=0", "checkpoint.interval=0")
+    run_train(tiny_corpus, tmp_path / "tp1", *common)
+    run_train(
+        tiny_corpus, tmp_path / "tp2", *common, "parallel.tensor_model_parallel_size=2", nproc=2
+    )
+    tp1, tp2 = train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2")
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in tp2], [r["grad_norm"] for r in tp1], rtol=5e-3
+    )
+    np.testing.assert_allclose([r["loss"] for r in tp2], [r["loss"] for r in tp1], rtol=2e-4)
+
+
+@pytest.mark.distributed
 def test_tp2_with_sequence_parallelism_matches_one_process(reference_run, tiny_corpus, tmp_path):
     run_dir = tmp_path / "tp2sp"
     run_train(
