@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     StagePlan.from_config(cfg, dp_size=1)  # the batch arithmetic, before data or processes
     result = train(cfg)
+    _ignore_late_stop_signals()
     if result.summary and _is_rank0():
         print(
             json.dumps(
@@ -28,6 +29,18 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+def _ignore_late_stop_signals() -> None:
+    """The run has stopped and checkpointed; the process only exits now. A launcher's stop
+    signal that arrives late (another node's, a repeated one) would otherwise kill it with
+    the default action and turn a clean exit into a failed job."""
+    import signal
+
+    from megapatch.training.preemption import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _is_rank0() -> bool:
