@@ -40,7 +40,9 @@ def test_written_in_the_layout_deepspeed_stores_and_read_back(tmp_path):
     engine_arg = state.to_engine()
     assert set(engine_arg) == {CLIENT_KEY}
     # the identity sits at the top level of the "megapatch" dict, beside progress and config
-    assert set(engine_arg[CLIENT_KEY]) == {"progress", "config", *IDENTITY_KEYS}
+    # (pipeline_model_parallel_size only when a pipeline run wrote it)
+    expected = {"progress", "config", *IDENTITY_KEYS} - {"pipeline_model_parallel_size"}
+    assert set(engine_arg[CLIENT_KEY]) == expected
 
     # DeepSpeed merges client_state into rank 0's model-states dict
     step_dir = tmp_path / "step_00000009"
@@ -66,6 +68,7 @@ def test_an_older_checkpoint_without_layout_keys_reads_with_defaults(tmp_path):
     state = read_client_state(tmp_path)
     assert state.tensor_model_parallel_size == 1 and state.zero_stage == 0
     assert state.data_parallel_size == 1 and state.progress == Progress()
+    assert state.pipeline_model_parallel_size == 1
 
 
 def test_missing_files_and_foreign_checkpoints_are_one_line(tmp_path):
