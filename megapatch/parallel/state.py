@@ -76,7 +76,8 @@ def initialize_model_parallel(
             group = dist.new_group(ranks)
             if rank in ranks:
                 _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS = group, ranks
-    logger.info("model parallel: TP=%d x DP=%d x PP=%d over %d ranks", tp, dp, pp, world_size)
+    pipeline = f" x PP={pp}" if pp > 1 else ""
+    logger.info("model parallel: TP=%d x DP=%d%s over %d ranks", tp, dp, pipeline, world_size)
 
 
 def model_parallel_is_initialized() -> bool:
