@@ -57,25 +57,26 @@ def initialize_model_parallel(
     def layout(p: int, d: int, t: int) -> int:
         return p * dp * tp + d * tp + t
 
-    # Every rank must create every group, in the same order (new_group is collective).
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [layout(p, d, t) for t in range(tp)]
+    def own_group(all_ranks: list[list[int]]):
+        """Create every group of one kind (new_group is collective: every rank creates
+        every group, in the same order); return this rank's (group, ranks)."""
+        mine = None
+        for ranks in all_ranks:
             group = dist.new_group(ranks)
             if rank in ranks:
-                _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS = group, ranks
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [layout(p, d, t) for d in range(dp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = group, ranks
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [layout(p, d, t) for p in range(pp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS = group, ranks
+                mine = (group, ranks)
+        return mine
+
+    P, D, T = range(pp), range(dp), range(tp)
+    _TENSOR_MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS = own_group(
+        [[layout(p, d, t) for t in T] for p in P for d in D]
+    )
+    _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = own_group(
+        [[layout(p, d, t) for d in D] for p in P for t in T]
+    )
+    _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS = own_group(
+        [[layout(p, d, t) for p in P] for d in D for t in T]
+    )
     pipeline = f" x PP={pp}" if pp > 1 else ""
     logger.info("model parallel: TP=%d x DP=%d%s over %d ranks", tp, dp, pipeline, world_size)
 
