@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megapatch.ops._collectives import ReduceFromGroup
-from megapatch.ops._weights import weighted_counts
+from megapatch.ops._weights import hand_out_stored_gradients, weighted_counts
 
 # At most this many fp32 logits alive per chunk (32 MiB): large enough that the matmuls
 # run at full speed and the per-chunk update of the [V, D] weight gradient stays rare.
@@ -210,16 +210,7 @@ class _PatchLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h_dtype, w_dtype = ctx.dtypes
         if ctx.fused:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "patch_loss (torch backend) computes its gradients during the forward and "
-                    "hands them out once; backward through it twice is not supported"
-                )
-            grad_h, grad_w = ctx.grads
-            ctx.grads = None  # free them as soon as autograd has them
-            g = grad_loss.float()
-            grad_h = None if grad_h is None else grad_h.mul_(g).to(h_dtype)
-            grad_w = None if grad_w is None else grad_w.mul_(g).to(w_dtype)
+            grad_h, grad_w = hand_out_stored_gradients(ctx, grad_loss, "torch backend")
             return grad_h, grad_w, None, None, None, None, None, None, None
 
         hidden, weight, lse = ctx.saved_tensors

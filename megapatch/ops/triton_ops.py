@@ -21,7 +21,7 @@ import triton
 
 from megapatch.errors import ConfigError
 from megapatch.ops import triton_kernels as kernels
-from megapatch.ops._weights import weighted_counts
+from megapatch.ops._weights import hand_out_stored_gradients, weighted_counts
 
 # Streaming multiprocessors, cached per device: sets how far the forward splits the vocabulary.
 _SM_COUNT: dict[int, int] = {}
@@ -438,16 +438,7 @@ class _PatchLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h_dtype, w_dtype = ctx.dtypes
         if ctx.fused:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "patch_loss (triton, in-forward mode) computes its gradients during the "
-                    "forward and hands them out once; backward through it twice is not supported"
-                )
-            grad_h, grad_w = ctx.grads
-            ctx.grads = None  # free them as soon as autograd has them
-            g = grad_loss.float()
-            grad_h = None if grad_h is None else grad_h.mul_(g).to(h_dtype)
-            grad_w = None if grad_w is None else grad_w.mul_(g).to(w_dtype)
+            grad_h, grad_w = hand_out_stored_gradients(ctx, grad_loss, "triton, in-forward mode")
             return grad_h, grad_w, None, None, None, None, None, None, None
 
         hidden, weight, ids, lse, counts, total = ctx.saved_tensors
