@@ -28,10 +28,16 @@ quickstart: install
 
 test: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch
-	# DeepSpeed JIT-builds a CPU op per interpreter; a cache shared with another Python rebuilds it at every start
+	# DeepSpeed JIT-builds a CPU op (shared-memory collectives) once per cache; a cache shared
+	# with another Python, or built by another ninja (the venv's vs the system's: launch tests
+	# put the venv first on PATH), is rebuilt at the next start, about a minute each time while
+	# every other start waits: one cache, one ninja, built once before the tests.
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions \
+		$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	# Two xdist workers: most tests run one process at a time, which leaves a core idle; tests
 	# that share an expensive fixture stay on one worker (tests/conftest.py, ONE_WORKER_GROUPS)
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest -q -n 2 --dist loadgroup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions \
+		$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: install-dev
 	$(PY) -m ruff check megapatch data_prep tests bench launch
