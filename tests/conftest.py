@@ -33,6 +33,25 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(groups.pop()))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup` pytest-xdist sends a group to one worker by a suffix it adds
+    to the node ids; a pytest/xdist pair where that no longer works would silently build
+    every shared fixture on both workers (and at once): refuse to run instead."""
+    if not session.config.getoption("loadgroup", default=False):  # set on xdist workers only
+        return
+    lost = [
+        i.nodeid
+        for i in session.items
+        if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more) under "
+            "--dist loadgroup: this pytest / pytest-xdist pair is incompatible (see pyproject.toml)"
+        )
+
+
 @pytest.fixture
 def kept_gloo_workers():
     """Requested by tests that call run_distributed(..., reuse_workers=True): they run on
