@@ -23,7 +23,12 @@ _ENGINE_OWNED_DEEPSPEED_KEYS = (
 
 
 def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else dump_scalar(value)
+    if isinstance(value, str):
+        return repr(value)
+    text = dump_scalar(value)
+    # YAML writes a string with a line break across lines even in flow style (a key of a
+    # mapping, say): the error must stay one line
+    return text if "\n" not in text else repr(value)
 
 
 class Checker:
