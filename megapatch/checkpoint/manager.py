@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megapatch import faults
-from megapatch.checkpoint.reshard import is_universal
+from megapatch.checkpoint.reshard import is_universal, slice_for_zero3_tensor_parallelism
 from megapatch.checkpoint.safe_load import safe_load
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
@@ -414,6 +414,8 @@ class CheckpointManager:
             if groups is not None and engine.zero_optimization_stage() == 0:
                 client_state = _load_universal_without_zero(engine, checkpoint.path)
             else:
+                if groups is not None and engine.zero_optimization_stage() == 3:
+                    slice_for_zero3_tensor_parallelism(engine)
                 _, client_state = engine.load_checkpoint(
                     str(checkpoint.path.parent),
                     tag=checkpoint.tag,
@@ -429,8 +431,15 @@ class CheckpointManager:
         if client_state is None:
             raise CheckpointError(f"checkpoint {checkpoint.path} could not be read by DeepSpeed")
         if groups is not None:
-            for group, saved in zip(_base_optimizer(engine).param_groups, groups, strict=True):
+            base = _base_optimizer(engine)
+            for group, saved in zip(base.param_groups, groups, strict=True):
                 group.update(saved)
+            # DeepSpeed's ZeRO-3 loader hands every sub-group the *same* step tensor, which
+            # torch's Adam increments in place: with n sub-groups the step count (and its
+            # bias correction) would run n times too fast. Each gets its own.
+            for state in base.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         rank = dist.get_rank() if dist.is_initialized() else 0
         rank_file = checkpoint.path / "megapatch" / f"rank_{rank:05d}.pt"
         rank_state: dict[str, Any] = {}

@@ -93,20 +93,6 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
     """Refuse, before any work, a reshard that cannot succeed (one line, the way out)."""
     from megapatch.config.validation import model_shape_problems, pipeline_problems
 
-    pp = f"parallel.pipeline_model_parallel_size={saved.pp}, " if saved.pp > 1 else ""
-    keep = (
-        f"resume it as it was written (parallel.tensor_model_parallel_size={saved.tp}, {pp}"
-        f"parallel.zero_stage={saved.zero}, {saved.tp * saved.pp * saved.dp} ranks)"
-    )
-    for side in (saved, target):
-        if side.zero == 3 and side.tp > 1:
-            # DeepSpeed's converter and loader split ZeRO-3 TP shards only by its AutoTP
-            # metadata, which Megatron-style layers do not carry.
-            raise CheckpointError(
-                f"checkpoint {where} ({saved}) cannot be resharded to {target}: ZeRO-3 with TP>1 "
-                f"does not reshard (DeepSpeed's universal checkpoint handles it only for its "
-                f"AutoTP); {keep}, or use ZeRO-1/2 or TP=1 on that side"
-            )
     problems = model_shape_problems(
         d_model=model_config["d_model"],
         n_heads=model_config["n_heads"],
@@ -121,8 +107,12 @@ def check_can_reshard(where: Path, saved: Layout, target: Layout, model_config: 
     )
     if problems:
         key, value, expected = problems[0]
+        pp = f"parallel.pipeline_model_parallel_size={saved.pp}, " if saved.pp > 1 else ""
         raise CheckpointError(
-            f"checkpoint {where} cannot be resharded to {target}: {key}={value}, expected {expected}"
+            f"checkpoint {where} ({saved}) cannot be resharded to {target}: {key}={value}, "
+            f"expected {expected}; resume it as it was written "
+            f"(parallel.tensor_model_parallel_size={saved.tp}, {pp}"
+            f"parallel.zero_stage={saved.zero}, {saved.tp * saved.pp * saved.dp} ranks)"
         )
 
 
@@ -183,6 +173,35 @@ def _name_parameters_for_every_layout(zero: Path, n_layers: int) -> None:
         alias = zero / other
         if not alias.exists():
             alias.symlink_to(name, target_is_directory=True)
+
+
+def slice_for_zero3_tensor_parallelism(engine) -> None:
+    """DeepSpeed's ZeRO-3 loader of a universal checkpoint takes a parameter's TP slice only
+    by its AutoTP metadata (Megatron-style layers have none), so at TP>1 it would hand each
+    rank the DP partition of the *whole* weight. For TP-split parameters, take this rank's
+    TP slice first (vocabulary rows padded as the model pads them), then the DP partition
+    as DeepSpeed cuts it; the rest goes through DeepSpeed's own path."""
+    from deepspeed.checkpoint import constants as c
+
+    from megapatch.checkpoint.safe_load import safe_load
+    from megapatch.checkpoint.tp_shards import tensor_parallel_shard
+
+    optimizer, model = engine.optimizer, engine.module
+    own = optimizer.load_hp_checkpoint_state
+
+    def load(folder, key, param=None):
+        if param is None or getattr(param, "partition_dim", None) is None:
+            return own(folder, key, param=param)
+        saved = safe_load(Path(folder) / f"{key}.pt")
+        full = saved[c.PARAM] if isinstance(saved, dict) else saved
+        flat = tensor_parallel_shard(model, Path(folder).name, param, full).reshape(-1)
+        group = optimizer._get_param_partition_group(param)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        part = -(-flat.numel() // world)
+        flat = torch.cat([flat, flat.new_zeros(part * world - flat.numel())])
+        return flat.narrow(0, rank * part, part)
+
+    optimizer.load_hp_checkpoint_state = load
 
 
 # -- where the converted checkpoint lives ------------------------------------------------------
@@ -321,13 +340,14 @@ def _name_model_states_for_every_stage(folder: Path) -> None:
 
 
 def _zero3_in_the_common_form(zero: Path, model_config: dict[str, Any]) -> None:
-    """DeepSpeed 0.19 converts a ZeRO-3 checkpoint into bare flat tensors per parameter,
-    with the vocabulary padding kept, no Adam step per parameter and no DeepSpeed version
-    in the common state; its ZeRO-1/2 loader needs the form a ZeRO-1/2 conversion writes.
+    """DeepSpeed 0.19 converts a ZeRO-3 checkpoint without an Adam step per parameter or a
+    DeepSpeed version in the common state, and at TP=1 into bare flat tensors with the
+    vocabulary padding kept (at TP>1 its shard merge writes the shaped form); its ZeRO-1/2
+    loader needs the form a ZeRO-1/2 conversion writes.
     Rewrite a ZeRO-3 conversion into that form (which the ZeRO-3 loader reads as well):
     each state shaped as the parameter, its TP split dimension, the vocabulary rows cut
-    to the real vocabulary and marked, the step beside it. ZeRO-3 sources are TP=1 (TP>1
-    is refused), so a parameter's shape is the whole model's."""
+    to the real vocabulary and marked, the step beside it. A flat tensor comes from a TP=1
+    source, so its shape is the whole model's."""
     import deepspeed
     from deepspeed.checkpoint import constants as c
 
@@ -349,13 +369,15 @@ def _zero3_in_the_common_form(zero: Path, model_config: dict[str, Any]) -> None:
         folder = zero / name
         dim = getattr(param, "partition_dim", None)
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            flat = safe_load(folder / f"{key}.pt")
-            if flat.numel() != param.numel():
+            saved = safe_load(folder / f"{key}.pt")
+            if isinstance(saved, dict):  # TP>1: the converter merged the shards into this form
+                continue
+            if saved.numel() != param.numel():
                 raise ValueError(
-                    f"{name}/{key}: {flat.numel()} values in the ZeRO-3 conversion, the model "
+                    f"{name}/{key}: {saved.numel()} values in the ZeRO-3 conversion, the model "
                     f"has {param.numel()}"
                 )
-            entry = {c.PARAM: flat.reshape(param.shape), c.CAT_DIM: 0 if dim is None else dim}
+            entry = {c.PARAM: saved.reshape(param.shape), c.CAT_DIM: 0 if dim is None else dim}
             if name in VOCAB_WEIGHTS:
                 entry[c.PARAM] = entry[c.PARAM][: cfg.vocab_size].clone()
                 entry[c.VOCAB_TENSOR] = True

@@ -136,6 +136,7 @@ CASES = {
     "tp2-dp2": ("ref", 18, [TP2], 4, 27),  # TP1 -> TP2 and DP1 -> DP2 under ZeRO-1
     "tp2dp2-tp1dp1@20": ("tp2-dp2", 20, [], 1, 30),  # TP2 -> TP1 and DP2 -> DP1 under ZeRO-1
     "tp2dp2-tp1dp4@21": ("tp2-dp2", 21, [], 4, 30),  # TP2 x DP2 -> TP1 x DP4
+    "tp2dp2-tp2z3@21": ("tp2-dp2", 21, [TP2, Z(3)], 2, 30),  # ZeRO-1 DP2 -> ZeRO-3 DP1 at TP2
     "z3-dp2z1@21": ("dp2z2-dp1z3@20", 21, [Z(1)], 2, 30),  # DP1 ZeRO-3 -> DP2 ZeRO-1
     "dp2-z0": ("ref", 18, [Z(0)], 2, 27),  # DP1 ZeRO-1 -> DP2 ZeRO-0 (megapatch loads it)
     "z0dp2-tp2z1@21": ("dp2-z0", 21, [TP2, Z(1)], 2, 30),  # DP2 ZeRO-0 -> TP2 ZeRO-1

@@ -214,26 +214,3 @@ def test_resume_a_checkpoint_of_another_tokenizer(tiny_corpus, tmp_path, source)
         f"data.path={prep}",
     )
     assert tree_digest(path) == digest
-
-
-def test_resume_into_a_layout_that_cannot_be_resharded(tiny_corpus, tmp_path, source):
-    # Another DP, TP or pipeline size or ZeRO stage reshards (tests/checkpoint/test_reshard.py);
-    # ZeRO-3 with TP>1 does not (DeepSpeed splits ZeRO-3 TP shards only by its AutoTP
-    # metadata): refused before any work, nothing written.
-    path, digest = source
-    _resume_refused(
-        tiny_corpus,
-        tmp_path,
-        path,
-        [
-            f"checkpoint {path} (TP=1 x DP=2, ZeRO-1) cannot be resharded to TP=2 x DP=1, "
-            "ZeRO-3: ZeRO-3 with TP>1 does not reshard",
-            "resume it as it was written (parallel.tensor_model_parallel_size=1, "
-            "parallel.zero_stage=1, 2 ranks)",
-        ],
-        "parallel.zero_stage=3",
-        "parallel.tensor_model_parallel_size=2",
-        nproc=2,
-    )
-    assert tree_digest(path) == digest
-    assert not path.with_name(path.name + ".universal").exists()

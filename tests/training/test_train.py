@@ -172,7 +172,9 @@ def test_tp2_with_sequence_parallelism_matches_one_process(reference_run, tiny_c
 
 
 @pytest.mark.distributed
-def test_tp2_zero3_matches_one_process_resumes_and_reads_back(reference_run, tiny_corpus, tmp_path):
+def test_tp2_zero3_matches_one_process_resumes_reads_back_and_reshards(
+    reference_run, tiny_corpus, tmp_path
+):
     # ZeRO-3 partitions each TP shard over DP (here DP=1: still ZeRO-3's code paths).
     import torch
 
@@ -188,6 +190,17 @@ def test_tp2_zero3_matches_one_process_resumes_and_reads_back(reference_run, tin
     assert ours.state_dict.keys() == theirs.state_dict.keys()
     for name, weight in theirs.state_dict.items():
         torch.testing.assert_close(ours.state_dict[name], weight, rtol=0, atol=2e-5, msg=name)
+    # its step-6 checkpoint resharded into one process under ZeRO-1 continues the same run
+    resumed = tmp_path / "tp1zero1"
+    step_6 = run_dir / "checkpoints" / "step_00000006"
+    run_train(tiny_corpus, resumed, f"train.resume={step_6}", "parallel.zero_stage=1")
+    records = train_records(resumed)
+    assert [r["step"] for r in records] == list(range(7, 13))
+    expected = train_records(reference_run)[6:]
+    np.testing.assert_allclose(
+        [r["loss"] for r in records], [r["loss"] for r in expected], rtol=1e-4
+    )
+    assert [r["data_crc"] for r in records] == [r["data_crc"] for r in expected]
 
 
 @pytest.mark.distributed
