@@ -24,7 +24,7 @@ import contextlib
 import io
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,12 @@ import torch
 
 from megapatch.checkpoint.client_state import ClientState, load_model_states
 from megapatch.checkpoint.manager import COMPLETE, CheckpointManager
-from megapatch.checkpoint.reshard import VOCAB_WEIGHTS, is_universal, read_universal_weights
+from megapatch.checkpoint.reshard import is_universal, read_universal_weights
 from megapatch.checkpoint.safe_load import check_files, safe_load
 from megapatch.checkpoint.tp_shards import tensor_parallel_shard
 from megapatch.errors import CheckpointError, ConfigError
 from megapatch.logging_utils import get_logger
-from megapatch.model import GPT, GPTConfig
+from megapatch.model import GPT, VOCAB_WEIGHTS, GPTConfig
 from megapatch.parallel import get_tensor_model_parallel_world_size
 
 log = get_logger("checkpoint")
@@ -171,12 +171,10 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 
 
 def _model_config(saved: dict[str, Any], where: Path) -> GPTConfig:
-    known = {f.name for f in fields(GPTConfig)}
-    cfg = GPTConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg = GPTConfig.from_saved(saved)
     # The kernels are chosen for this machine, not the one that trained.
     cfg.ops_backend = "auto"
     cfg.activation_checkpointing = False
-    cfg.sequence_parallel = False  # one TP=1 model: nothing to shard the sequence over
     try:
         cfg.validate()
     except ConfigError as exc:
@@ -186,9 +184,7 @@ def _model_config(saved: dict[str, Any], where: Path) -> GPTConfig:
 
 def partition_dims(cfg: GPTConfig) -> dict[str, int | None]:
     """Each parameter's TP split dimension (None: replicated), as the model declares it."""
-    with torch.device("meta"):  # shapes and attributes only: no memory, no init cost
-        skeleton = GPT(cfg)
-    return {n: getattr(p, "partition_dim", None) for n, p in skeleton.named_parameters()}
+    return {n: getattr(p, "partition_dim", None) for n, p in GPT.skeleton(cfg).named_parameters()}
 
 
 def merge_tensor_parallel_shards(
@@ -342,7 +338,6 @@ __all__ = [
     "read_checkpoint",
     "build_model",
     "load_full_state_dict",
-    "tensor_parallel_shard",
     "merge_tensor_parallel_shards",
     "partition_dims",
     "VOCAB_WEIGHTS",

@@ -23,7 +23,6 @@ data position does not depend on the layout.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import os
 import re
@@ -40,9 +39,9 @@ import torch.distributed as dist
 from megapatch import faults
 from megapatch.checkpoint.client_state import ClientState
 from megapatch.checkpoint.safe_load import check_files
-from megapatch.checkpoint.tp_shards import VOCAB_WEIGHTS  # unpadded in a universal checkpoint
 from megapatch.errors import CheckpointError
 from megapatch.logging_utils import get_logger
+from megapatch.model import VOCAB_WEIGHTS  # unpadded in a universal checkpoint
 
 log = get_logger("reshard")
 
@@ -129,11 +128,8 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict[str, Any]:
     from megapatch.model import GPT
     from megapatch.model.pipeline import pipe_parameter_name
 
-    pipelined = hasattr(model, "gpt_named_parameters")
-    if pipelined:
-        with torch.device("meta"):  # the whole model's names and splits, no memory
-            skeleton = GPT(model.cfg)
-    named = (skeleton if pipelined else model).named_parameters()
+    pipelined = hasattr(model, "gpt_named_parameters")  # the whole model's names and splits
+    named = (GPT.skeleton(model.cfg) if pipelined else model).named_parameters()
     replicated, columns, vocabulary = [], [], []
     for gpt_name, param in named:
         name = pipe_parameter_name(gpt_name, model.cfg.n_layers) if pipelined else gpt_name
@@ -358,11 +354,8 @@ def _zero3_in_the_common_form(zero: Path, model_config: dict[str, Any]) -> None:
     common = safe_load(common_file)
     if int(common.get("zero_stage", 0)) != 3:
         return
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    cfg = GPTConfig(**{k: v for k, v in model_config.items() if k in known})
-    cfg.sequence_parallel = False
-    with torch.device("meta"):
-        skeleton = GPT(cfg)
+    cfg = GPTConfig.from_saved(model_config)
+    skeleton = GPT.skeleton(cfg)
     state = common[c.OPTIMIZER_STATE_DICT]["state"]
     step = next(iter(state.values()))["step"]
     for name, param in skeleton.named_parameters():

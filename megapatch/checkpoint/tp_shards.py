@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from megapatch.model import VOCAB_WEIGHTS
 from megapatch.parallel import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-# Weights whose rows are the vocabulary: padded for TP in a model, unpadded when full.
-VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 
 
 def tensor_parallel_shard(model, name: str, param, full: torch.Tensor) -> torch.Tensor:

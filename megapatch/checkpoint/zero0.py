@@ -14,28 +14,15 @@ partitions DeepSpeed's own converter reads.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from megapatch.checkpoint.safe_load import safe_load
-from megapatch.checkpoint.tp_shards import VOCAB_WEIGHTS
 from megapatch.errors import CheckpointError
+from megapatch.model import VOCAB_WEIGHTS
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _skeleton(model_config: dict[str, Any]):
-    """The whole TP=1 model on the meta device: every parameter's name, shape, TP split."""
-    from megapatch.model import GPT, GPTConfig
-
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    cfg = GPTConfig(**{k: v for k, v in model_config.items() if k in known})
-    cfg.sequence_parallel = False
-    with torch.device("meta"):
-        return cfg, GPT(cfg)
 
 
 def is_plain_zero0(step_dir: Path) -> bool:
@@ -50,21 +37,22 @@ def to_universal(step_dir: Path, out: Path, client) -> None:
     import deepspeed
     from deepspeed.checkpoint import constants as c
 
+    from megapatch.model import GPT, GPTConfig
     from megapatch.model.pipeline import pipe_parameter_name, stage_partition
 
-    cfg, skeleton = _skeleton(client.model_config)
-    params = dict(skeleton.named_parameters())
+    cfg = GPTConfig.from_saved(client.model_config)
+    params = dict(GPT.skeleton(cfg).named_parameters())
     tp, pp = client.tensor_model_parallel_size, client.pipeline_model_parallel_size
     parts = stage_partition(cfg, pp) if pp > 1 else [0, cfg.n_layers + 2]
     shards: dict[str, dict[str, list]] = {}
     steps: dict[str, float] = {}
     groups = None
+
+    def layer_of(name: str) -> int:  # its pipeline layer (names are "<layer>.<local name>")
+        return int(pipe_parameter_name(name, cfg.n_layers).split(".")[0])
+
     for stage in range(pp):
-        names = [
-            n
-            for n in params
-            if parts[stage] <= int(pipe_parameter_name(n, cfg.n_layers).split(".")[0]) < parts[stage + 1]
-        ] if pp > 1 else list(params)  # fmt: skip
+        names = [n for n in params if parts[stage] <= layer_of(n) < parts[stage + 1]]
         order = [n for n in names if params[n].dim() >= 2] + [
             n for n in names if params[n].dim() < 2
         ]
@@ -84,7 +72,7 @@ def to_universal(step_dir: Path, out: Path, client) -> None:
             if "fp32_groups" in optimizer:  # the mixed-precision wrapper's fp32 masters
                 masters = [m for group in optimizer["fp32_groups"] for m in group]
             else:
-                masters = [_weight(step_dir, states, name, stage, t, cfg, parts) for name in order]
+                masters = [_weight(step_dir, states, name, t, cfg.n_layers) for name in order]
             for i, name, master in zip(ids, order, masters, strict=True):
                 entry = torch_state["state"].get(i, {})
                 shard = shards.setdefault(name, {"fp32": [], "exp_avg": [], "exp_avg_sq": []})
@@ -127,13 +115,13 @@ def to_universal(step_dir: Path, out: Path, client) -> None:
         torch.save(states, out / file.name)
 
 
-def _weight(step_dir, states, name, stage, tp_rank, cfg, parts) -> torch.Tensor:
+def _weight(step_dir: Path, states: dict, name: str, tp_rank: int, n_layers: int) -> torch.Tensor:
     """A plain fp32 run's weight: the module's (a pipeline keeps it in its layer files)."""
     if states.get("module") is not None:
         return states["module"][name]
     from megapatch.model.pipeline import pipe_parameter_name
 
-    layer, local = pipe_parameter_name(name, cfg.n_layers).split(".", 1)
+    layer, local = pipe_parameter_name(name, n_layers).split(".", 1)
     file = step_dir / f"layer_{int(layer):02d}-model_{tp_rank:02d}-model_states.pt"
     return safe_load(file, mmap=True)[local]
 
@@ -172,19 +160,19 @@ def load_universal(engine, step_dir: Path) -> None:
         full = safe_load(zero / name / f"{key}.pt")["param"]
         return tensor_parallel_shard(model, name, param, full).float()
 
+    masters = [shard(param, "fp32") for param in module_params]
     with torch.no_grad():
-        for param in module_params:  # the weights the model computes with (bf16: rounded)
-            param.copy_(shard(param, "fp32"))
+        for param, master in zip(module_params, masters):  # bf16/fp16: rounded, as trained
+            param.copy_(master)
     for i, param in zip(ids, module_params, strict=True):
         step = float(safe_load(zero / name_of[id(param)] / "step.pt"))
         torch_state["state"][i] = {
             "step": torch.tensor(step, dtype=torch.float32),
             **{key: shard(param, key) for key in _MOMENTS},
         }
-    if wrapped:
-        saved["fp32_groups"] = [
-            [shard(p, "fp32") for p in group] for group in optimizer.fp16_groups
-        ]
+    if wrapped:  # module_params is fp16_groups flattened, in order
+        masters = iter(masters)
+        saved["fp32_groups"] = [[next(masters) for _ in group] for group in optimizer.fp16_groups]
     optimizer.load_state_dict(saved)
 
 

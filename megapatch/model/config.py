@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from megapatch.config.validation import model_shape_problems, sequence_parallel_problems
@@ -70,6 +70,15 @@ class GPTConfig:
             ops_backend=cfg.train.ops_backend,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> GPTConfig:
+        """The model config a checkpoint saved (unknown keys ignored), as one TP=1 model:
+        without sequence parallelism, which has nothing to shard there."""
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in saved.items() if k in known})
+        cfg.sequence_parallel = False
+        return cfg
 
     @property
     def kv_heads(self) -> int:

@@ -39,6 +39,8 @@ from megapatch.parallel import (
 )
 
 IGNORE_INDEX = -100
+# Weights whose rows are the vocabulary: padded for TP in a model, unpadded when whole.
+VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 
 
 class GPT(nn.Module):
@@ -71,6 +73,13 @@ class GPT(nn.Module):
             else ColumnParallelLinear(cfg.d_model, self.padded_vocab_size, seed=None)
         )
         self.init_weights(seed)
+
+    @classmethod
+    def skeleton(cls, cfg: GPTConfig) -> GPT:
+        """The model on the meta device: every parameter's name, shape and TP split, with
+        no memory and no initialisation cost."""
+        with torch.device("meta"):
+            return cls(cfg)
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile every transformer block in place: parameter names (and so
@@ -215,7 +224,7 @@ def init_parameters_(named_parameters, cfg: GPTConfig, seed: int) -> None:
             param.fill_(1.0)
             continue
         std = residual_init_std(cfg) if name.endswith(RESIDUAL_OUTPUT_WEIGHTS) else cfg.init_std
-        init_rows = cfg.vocab_size if name in ("embed_tokens.weight", "lm_head.weight") else None
+        init_rows = cfg.vocab_size if name in VOCAB_WEIGHTS else None
         init_weight_shard_(
             param,
             getattr(param, "partition_dim", None),

@@ -250,6 +250,7 @@ def _wraps_optimizer(config: dict[str, Any]) -> bool:
 
 
 def is_pipeline(engine) -> bool:
+    """DeepSpeed's pipeline engine: it runs whole steps (`train_batch`, `eval_batch`)."""
     return hasattr(engine, "train_batch")
 
 
@@ -336,8 +337,8 @@ def grad_norm_before_step(engine) -> float:
 def pipeline_train_step(engine, batches, phase, on_batch, poison: bool = False):
     """One optimizer step of the pipeline engine: `train_batch` runs the phase's
     micro-batches through the stages (1F1B), reduces the gradients and steps. `batches`
-    yields the windows (None on the middle stages, which read no data); `on_batch` sees
-    each window batch taken. Returns (loss, grad norm before clipping): the loss is the mean
+    yields the windows; only the first and last stages take any (DeepSpeed reads data
+    there alone); `on_batch` sees each window batch taken. Returns (loss, grad norm before clipping): the loss is the mean
     over the micro-batches and DP ranks, on every rank. `poison` makes the loss NaN (the
     fault hook's test of non-finite steps)."""
     k = phase.patch_size
@@ -349,7 +350,7 @@ def pipeline_train_step(engine, batches, phase, on_batch, poison: bool = False):
             yield batch[:, :-k], batch[:, k:]
 
     with _poisoned_loss(engine.module, poison):
-        loss = float(engine.train_batch(micro_batches() if batches is not None else None))
+        loss = float(engine.train_batch(micro_batches()))
     guard = getattr(engine, "step_guard", None)
     grad_norm = guard.grad_norm if guard is not None else engine.get_global_grad_norm()
     return loss, (float(grad_norm) if grad_norm is not None else None)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megapatch.training.engine import is_pipeline
+
 IGNORE_INDEX = -100
 
 
@@ -40,7 +42,7 @@ def windowed_loss(
     # pipeline's stages run them together): a rank short of windows repeats one with all
     # its targets ignored.
     per_rank = -(-len(windows) // dp_size)
-    pipelined = hasattr(forward, "eval_batch")  # DeepSpeed's pipeline engine
+    pipelined = is_pipeline(forward)
     if pipelined:  # whole micro-batches: the stage buffers keep one shape
         per_rank = -(-per_rank // micro_batch_size) * micro_batch_size
     mine = list(range(dp_rank, len(windows), dp_size))

@@ -205,7 +205,7 @@ class Trainer:
         poison = faults.nan_at(self.progress.global_step)
         if self.pipelined:  # the pipeline engine runs the whole step (engine.py)
             loss, grad_norm = engine_ops.pipeline_train_step(
-                engine, batches if self.reads_data else None, phase, self._count, poison
+                engine, batches, phase, self._count, poison
             )
             return loss, not math.isfinite(loss), grad_norm  # the same loss on every rank
         losses = []
