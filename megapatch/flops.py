@@ -85,6 +85,16 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def pipeline_layer_parameters(dims: ModelDims, vocab_size: int | None = None) -> list[int]:
+    """Parameters of each pipeline layer [embedding, block 0 .. n-1, head]: what the stage
+    split balances (megapatch.model.pipeline, and the plan's torch-free copy of the split in
+    training/memory.py). The split pads the vocabulary as for TP=1, so pass that one
+    (`vocab_size`; default dims' own)."""
+    D, V = dims.d_model, dims.vocab_size if vocab_size is None else vocab_size
+    block = 2 * D * D + 2 * D * dims.kv_dim + 3 * D * dims.ffn_hidden + 2 * D
+    return [V * D, *[block] * dims.n_layers, V * D + D]
+
+
 def forward_flops_per_position(dims: ModelDims) -> dict[str, int]:
     """Forward matmul FLOPs for one position of a length-L sequence, by component."""
     D, L = dims.d_model, dims.seq_len

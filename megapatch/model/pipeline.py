@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megapatch.flops import ModelDims, pipeline_layer_parameters
 from megapatch.model.config import GPTConfig
 from megapatch.model.gpt import check_inputs, init_parameters_, loss_from_hidden
 from megapatch.model.transformer import Block, RMSNorm, rotary_cos_sin
@@ -69,16 +70,18 @@ def layer_prefix(layer: int, n_layers: int) -> str:
 
 
 def layer_parameter_counts(cfg: GPTConfig) -> list[int]:
-    """Parameters of each pipeline layer, from the shape alone (what the split balances)."""
-    vocab = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
-    d, hd = cfg.d_model, cfg.head_dim
-    block = (
-        2 * d * cfg.n_heads * hd  # q, o
-        + 2 * d * cfg.kv_heads * hd  # k, v
-        + 3 * d * cfg.ffn_hidden  # gate, up, down
-        + 2 * d  # two norms
+    """Parameters of each pipeline layer, from the shape alone (what the split balances),
+    the vocabulary padded as at TP=1 so that every TP size splits alike."""
+    dims = ModelDims(
+        vocab_size=pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1),
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.kv_heads,
+        ffn_hidden=cfg.ffn_hidden,
+        seq_len=cfg.seq_len,
     )
-    return [vocab * d, *[block] * cfg.n_layers, vocab * d + d]
+    return pipeline_layer_parameters(dims)
 
 
 def stage_partition(cfg: GPTConfig, stages: int) -> list[int]:

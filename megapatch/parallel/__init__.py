@@ -20,7 +20,7 @@ from megapatch.parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megapatch.parallel.mpu import ModelParallelUnit, mpu
-from megapatch.parallel.pipeline import empty_stages, partition_layers, pipeline_topology
+from megapatch.parallel.pipeline import partition_layers, pipeline_topology
 from megapatch.parallel.state import (
     destroy_model_parallel,
     get_data_parallel_group,
@@ -66,7 +66,6 @@ __all__ = [
     "is_pipeline_last_stage",
     "pipeline_topology",
     "partition_layers",
-    "empty_stages",
     "mpu",
     "ModelParallelUnit",
     "copy_to_tensor_model_parallel_region",

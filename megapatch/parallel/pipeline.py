@@ -32,14 +32,4 @@ def partition_layers(layer_parameters: list[int], stages: int) -> list[int]:
     return [int(b) for b in partition_balanced(weights=list(layer_parameters), num_parts=stages)]
 
 
-def empty_stages(parts: list[int], first_block: int, end_block: int) -> list[int]:
-    """The stages of `parts` that hold no layer in [first_block, end_block) (no transformer
-    block: a stage of only the embedding or only the head)."""
-    return [
-        s
-        for s in range(len(parts) - 1)
-        if max(parts[s], first_block) >= min(parts[s + 1], end_block)
-    ]
-
-
-__all__ = ["pipeline_topology", "partition_layers", "empty_stages"]
+__all__ = ["pipeline_topology", "partition_layers"]

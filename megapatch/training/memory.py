@@ -102,7 +102,7 @@ import re
 from dataclasses import dataclass, field
 
 from megapatch.errors import ConfigError
-from megapatch.flops import ModelDims
+from megapatch.flops import ModelDims, pipeline_layer_parameters
 
 __all__ = [
     "Layout",
@@ -261,15 +261,6 @@ class MemoryEstimate:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out.update(optimizer=self.optimizer, buffers=self.buffers, total=self.total)
         return out
-
-
-def pipeline_layer_parameters(dims: ModelDims, vocab_size: int | None = None) -> list[int]:
-    """Parameters of each pipeline layer [embedding, block 0 .. n-1, head], what the stage
-    split balances (megapatch.model.pipeline.layer_parameter_counts): the vocabulary is
-    padded as for TP=1 there, so pass that one (`vocab_size`; default dims' own)."""
-    D, V = dims.d_model, dims.vocab_size if vocab_size is None else vocab_size
-    block = 2 * D * D + 2 * D * dims.kv_dim + 3 * D * dims.ffn_hidden + 2 * D
-    return [V * D, *[block] * dims.n_layers, V * D + D]
 
 
 def pipeline_stage_bounds(layer_parameters: list[int], stages: int) -> list[int]:
