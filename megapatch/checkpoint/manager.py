@@ -196,8 +196,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16)."""
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer at the bottom of DeepSpeed's wrappers (ZeRO, bf16)."""
     opt = engine.optimizer
     while getattr(opt, "optimizer", None) not in (None, opt):
         opt = opt.optimizer
@@ -207,7 +207,7 @@ def _base_optimizer(engine):
 def _group_hyperparams(engine) -> list[dict[str, Any]]:
     return [
         {k: v for k, v in group.items() if k != "params"}
-        for group in _base_optimizer(engine).param_groups
+        for group in base_optimizer(engine).param_groups
     ]
 
 
@@ -431,7 +431,7 @@ class CheckpointManager:
         if client_state is None:
             raise CheckpointError(f"checkpoint {checkpoint.path} could not be read by DeepSpeed")
         if groups is not None:
-            base = _base_optimizer(engine)
+            base = base_optimizer(engine)
             for group, saved in zip(base.param_groups, groups, strict=True):
                 group.update(saved)
             # DeepSpeed's ZeRO-3 loader hands every sub-group the *same* step tensor, which

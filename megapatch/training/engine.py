@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from megapatch.checkpoint.manager import base_optimizer
+
 
 def deepspeed_config(
     *,
@@ -86,14 +88,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer at the bottom of DeepSpeed's wrappers (ZeRO, bf16)."""
-    opt = engine.optimizer
-    while hasattr(opt, "optimizer") and opt.optimizer is not opt and opt.optimizer is not None:
-        opt = opt.optimizer
-    return opt
 
 
 def set_lr(engine, lr: float) -> None:
